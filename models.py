@@ -1,0 +1,973 @@
+"""Database models and the queue operations of xhs-server.
+
+One SQLite file (WAL, busy timeout) holds everything; stored images live in a
+`media/` folder beside it. Every operation that hands something out (a task, a
+phone number, a profile) is a single conditional statement or an IMMEDIATE
+transaction, so several server threads, several processes and the operator's
+CLI can work on the same file at once without Python locks.
+
+Times are stored as epoch seconds (REAL) and shown in server local time.
+"""
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+
+from peewee import (
+    BooleanField, Check, CharField, DeferredForeignKey, FloatField, ForeignKeyField, IntegerField,
+    IntegrityError, Model, SqliteDatabase, TextField,
+)
+
+# --------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------
+
+PENDING, CLAIMED, DONE, CANCELLED = 'pending', 'claimed', 'done', 'cancelled'
+TASK_STATES = (PENDING, CLAIMED, DONE, CANCELLED)
+FINISHED = {DONE, CANCELLED}
+
+RELEASE, REPLY, COMMENT_REPLY = 'release', 'reply', 'comment_reply'
+TASK_KINDS = (RELEASE, REPLY, COMMENT_REPLY)
+
+# A comment's deletion: not asked, ordered by the operator, done, or failed on
+# the phone (out of the queue until ordered again).
+DEL_NONE, DEL_ORDERED, DEL_DONE, DEL_FAILED = 'none', 'ordered', 'deleted', 'failed'
+DELETE_STATES = (DEL_NONE, DEL_ORDERED, DEL_DONE, DEL_FAILED)
+
+AVAILABLE, RESERVED, USED = 'available', 'reserved', 'used'
+
+SCREENSHOT_KINDS = ('dm', 'article')
+
+# name -> (default, meaning). Values are ints unless the default is a str.
+SETTINGS = {
+    'rest_day': (20, 'rest minutes a phone is told from day_start to night_start'),
+    'rest_night': (120, 'rest minutes a phone is told at night'),
+    'day_start': ('09:00', 'local time the day rest value starts'),
+    'night_start': ('22:00', 'local time the night rest value starts'),
+    'activity_window': (5, 'minutes without a request before a phone counts as inactive'),
+    'code_lifetime': (5, 'minutes a received verification code is handed out'),
+    'reservation_window': (30, 'minutes a handed-out new-account profile stays reserved'),
+    'max_body_mb': (32, 'largest request body in MB (larger: 413)'),
+    'max_image_mb': (10, 'largest decoded image in MB (larger: 413)'),
+    'max_images': (10, 'most images in one save_screenshots call'),
+    'screenshot_retention_days': (0, 'days screenshots are kept (0: forever)'),
+    'stuck_minutes': (60, 'minutes a handed-out task may stay unfinished before it is flagged'),
+    'alert_webhook': ('', 'group-robot URL (WeCom, DingTalk, Feishu) that alerts are posted to'),
+}
+
+ACTIVITY_STAMP_SECONDS = 10  # last-activity writes are coalesced to one per this
+
+db = SqliteDatabase(None, timeout=5)
+_state = {'media': None, 'path': None}
+
+
+# --------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------
+
+def init_db(path, media_dir=None, busy_timeout=5.0):
+    """Open (creating when needed) the database at `path` and its media folder."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    media = os.path.abspath(media_dir or os.path.join(folder, 'media'))
+    os.makedirs(media, exist_ok=True)
+    if not db.is_closed():
+        db.close()
+    db.init(path, timeout=busy_timeout, pragmas=(
+        ('journal_mode', 'wal'),
+        # Every answer a phone gets 200 for must survive a power cut.
+        ('synchronous', 'full'),
+        ('foreign_keys', 1),
+        ('cache_size', -16000),
+        ('busy_timeout', int(busy_timeout * 1000)),
+    ))
+    _state.update(media=media, path=path)
+    _settings_cache.clear()
+    _stamped.clear()
+    migrate()
+    return db
+
+
+def media_dir():
+    return _state['media']
+
+
+def migrate():
+    """Bring the schema to the current version (PRAGMA user_version)."""
+    version = db.execute_sql('PRAGMA user_version').fetchone()[0]
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        with db.atomic('IMMEDIATE'):
+            step()
+            db.execute_sql('PRAGMA user_version = %d' % number)
+
+
+def now():
+    return time.time()
+
+
+def fmt_time(ts, sep=' '):
+    """Local time as `YYYY-MM-DD HH:MM:SS` (or with `T` between), '' for None."""
+    if ts is None:
+        return ''
+    return time.strftime('%Y-%m-%d' + sep + '%H:%M:%S', time.localtime(ts))
+
+
+def check_in(field, values):
+    return Check('%s IN (%s)' % (field, ', '.join("'%s'" % v for v in values)))
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class Phone(BaseModel):
+    """A phone is its SIM (imsi, iccid); a coverage phone without one, its MAC."""
+    imsi = CharField(null=True)
+    iccid = CharField(null=True)
+    mac = CharField(null=True)
+    phone_type = IntegerField(default=2)
+    label = CharField(null=True, unique=True)
+    offline = BooleanField(default=False)
+    approved = BooleanField(default=True)
+    rest_day = IntegerField(null=True)
+    rest_night = IntegerField(null=True)
+    refresh_profile = BooleanField(default=False)
+    # The Xiaohongshu account bound to this SIM (update_userinfo).
+    xhs_id = CharField(null=True, unique=True)
+    account_name = CharField(null=True)
+    home_url = TextField(null=True)
+    phone_num = CharField(null=True)
+    platform = IntegerField(null=True)
+    profile_at = FloatField(null=True)
+    reading_at = FloatField(null=True)
+    created_at = FloatField(default=now)
+    last_seen = FloatField(null=True)
+    last_ip = CharField(null=True)
+
+    class Meta:
+        indexes = ((('imsi', 'iccid'), True),)
+        constraints = [Check('phone_type IN (1, 2)')]
+
+    @property
+    def name(self):
+        return self.label or self.imsi or self.mac or str(self.id)
+
+
+class Comment(BaseModel):
+    """A comment a phone saw under its account's notes."""
+    phone = ForeignKeyField(Phone, backref='comments')
+    nick_name = TextField()
+    head_portrait = TextField(default='')
+    comments_status = TextField(default='')
+    content = TextField()
+    article_picture_address = TextField(default='')
+    screenshots_address = TextField(default='')
+    note = DeferredForeignKey('Task', null=True, backref='comments')
+    delete_state = CharField(default=DEL_NONE, constraints=[check_in('delete_state', DELETE_STATES)])
+    delete_ordered_at = FloatField(null=True)
+    delete_done_at = FloatField(null=True)
+    created_at = FloatField(default=now)
+
+    class Meta:
+        indexes = ((('phone', 'nick_name', 'content'), True),)
+
+
+class Task(BaseModel):
+    """Release notes, DM replies and comment replies share one id space."""
+    kind = CharField(constraints=[check_in('kind', TASK_KINDS)])
+    status = CharField(default=PENDING, constraints=[check_in('status', TASK_STATES)])
+    target_phone = ForeignKeyField(Phone, null=True, backref='targeted')
+    target_account = CharField(null=True)
+    priority = IntegerField(default=0)
+    run_at = FloatField(default=0)
+    title = TextField(null=True)
+    content = TextField(default='')
+    images = TextField(null=True)   # JSON list: URLs, or "media:<name>" for stored files
+    topics = TextField(null=True)   # JSON list
+    platform = IntegerField(default=1)
+    name = TextField(null=True)     # DM counterpart
+    comment = ForeignKeyField(Comment, null=True, backref='replies')
+    claimed_by = ForeignKeyField(Phone, null=True, backref='claimed')
+    claimed_at = FloatField(null=True)
+    done_at = FloatField(null=True)
+    result_url = TextField(null=True)
+    url_key = TextField(null=True)
+    note_key = CharField(null=True)
+    created_at = FloatField(default=now)
+
+
+class Number(BaseModel):
+    """An imported phone number; bound to at most one SIM, a SIM to at most one number."""
+    number = CharField(unique=True)
+    iccid = CharField(null=True)  # pre-assigned to this SIM by the operator
+    phone = ForeignKeyField(Phone, null=True, unique=True, backref='numbers')
+    bound_at = FloatField(null=True)
+    created_at = FloatField(default=now)
+
+
+class Code(BaseModel):
+    """A received SMS (or a code the operator typed in) for one of our numbers."""
+    number = CharField()
+    code = CharField(null=True)
+    content = TextField(default='')
+    sender = CharField(null=True)
+    sent_at = FloatField(null=True)
+    received_at = FloatField(default=now)
+    source = CharField(default='sms')
+
+    class Meta:
+        indexes = ((('number', 'received_at'), False),)
+
+
+class Profile(BaseModel):
+    """A queued new-account profile, handed out to phones registering accounts."""
+    gender_id = IntegerField(constraints=[Check('gender_id IN (1, 2)')])
+    gender = CharField()
+    head_portrait = TextField(default='')
+    birthday = CharField()
+    name = CharField()
+    platform = IntegerField(default=1)
+    state = CharField(default=AVAILABLE, constraints=[check_in('state', (AVAILABLE, RESERVED, USED))])
+    reserved_by = ForeignKeyField(Phone, null=True, backref='+')
+    reserved_until = FloatField(null=True)
+    used_by = ForeignKeyField(Phone, null=True, backref='+')
+    used_at = FloatField(null=True)
+    created_at = FloatField(default=now)
+
+    class Meta:
+        indexes = ((('state', 'id'), False), (('name',), False))
+
+
+class Image(BaseModel):
+    """A stored image file, once per content hash."""
+    sha256 = CharField(unique=True)
+    name = CharField(unique=True)
+    mime = CharField()
+    size = IntegerField()
+    created_at = FloatField(default=now)
+
+
+class Screenshot(BaseModel):
+    image = ForeignKeyField(Image, backref='screenshots', on_delete='CASCADE')
+    phone = ForeignKeyField(Phone, null=True, backref='screenshots')
+    kind = CharField(constraints=[check_in('kind', SCREENSHOT_KINDS)])
+    counterpart = TextField(default='')
+    created_at = FloatField(default=now)
+
+    class Meta:
+        indexes = ((('phone', 'image', 'kind', 'counterpart'), True), (('created_at',), False))
+
+
+class NoteLink(BaseModel):
+    """An article screenshot tied to the published note it shows."""
+    shot_key = TextField(unique=True)
+    note = ForeignKeyField(Task, backref='links')
+    created_at = FloatField(default=now)
+
+
+class Log(BaseModel):
+    at = FloatField(default=now)
+    phone = ForeignKeyField(Phone, null=True, backref='logs', on_delete='SET NULL')
+    msg = TextField()
+    macaddr = TextField(null=True)
+    ip_addr = TextField(null=True)
+    imsi = TextField(null=True)
+    iccid = TextField(null=True)
+    phone_type = TextField(null=True)
+    remote = CharField(null=True)
+
+    class Meta:
+        indexes = ((('phone', 'id'), False), (('at',), False))
+
+
+class Setting(BaseModel):
+    key = CharField(primary_key=True)
+    value = TextField()
+
+
+class PhoneEvent(BaseModel):
+    """A change in a phone's activity: it went quiet, or it came back."""
+    phone = ForeignKeyField(Phone, backref='events')
+    at = FloatField(default=now)
+    event = CharField(constraints=[check_in('event', ('inactive', 'active'))])
+
+    class Meta:
+        indexes = ((('phone', 'at'), False),)
+
+
+class Audit(BaseModel):
+    """A CLI command that changed data: when, who, what."""
+    at = FloatField(default=now, index=True)
+    user = CharField()
+    command = TextField()
+    change = TextField()
+
+
+MODELS = [Phone, Task, Comment, Number, Code, Profile, Image, Screenshot, NoteLink, Log,
+          Setting, PhoneEvent, Audit]
+
+
+def _schema_v1():
+    db.create_tables(MODELS)
+    for sql in (
+        # A coverage phone with no SIM is identified by its MAC alone.
+        'CREATE UNIQUE INDEX phone_mac_only ON phone (mac) WHERE imsi IS NULL',
+        # The claim queries below read these indexes in their ORDER BY order;
+        # finished tasks are not in them, so a claim costs the same at any age.
+        'CREATE INDEX task_queue ON task (kind, target_phone_id, target_account, '
+        "priority DESC, id) WHERE status = 'pending'",
+        'CREATE INDEX task_account_queue ON task (kind, target_account, priority DESC, id) '
+        "WHERE status = 'pending' AND target_account IS NOT NULL",
+        'CREATE INDEX task_claimed ON task (claimed_by_id, kind, claimed_at, id) '
+        "WHERE status = 'claimed'",
+        'CREATE INDEX task_done_at ON task (done_at)',
+        'CREATE INDEX task_url_key ON task (url_key)',
+        'CREATE INDEX task_note_key ON task (note_key)',
+        "CREATE INDEX comment_delete_queue ON comment (phone_id, delete_ordered_at, id) "
+        "WHERE delete_state = 'ordered'",
+        'CREATE INDEX number_free ON number (iccid, id) WHERE phone_id IS NULL',
+    ):
+        db.execute_sql(sql)
+
+
+MIGRATIONS = [_schema_v1]
+
+
+# --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+_settings_cache = {}
+SETTINGS_TTL = 2.0
+
+
+def settings(fresh=False):
+    """All tunables (stored values over defaults); cached briefly for the server."""
+    cached = _settings_cache.get('values')
+    if cached and not fresh and time.monotonic() - cached[0] < SETTINGS_TTL:
+        return cached[1]
+    values = {key: default for key, (default, _) in SETTINGS.items()}
+    for key, value in db.execute_sql('SELECT key, value FROM setting'):
+        if key in SETTINGS:
+            values[key] = parse_setting(key, value)
+    _settings_cache['values'] = (time.monotonic(), values)
+    return values
+
+
+def parse_setting(key, value):
+    """Validate a setting's text; raise ValueError with a readable reason."""
+    default = SETTINGS[key][0]
+    if isinstance(default, str):
+        if key.endswith('_start') and not re.fullmatch(r'([01]\d|2[0-3]):[0-5]\d', value):
+            raise ValueError('%s must be a time HH:MM' % key)
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError('%s must be a whole number' % key) from None
+    if number < 0 or (number == 0 and key.startswith('max_')):
+        raise ValueError('%s must be %s' % (key, 'positive' if key.startswith('max_') else '0 or more'))
+    return number
+
+
+def set_setting(key, value):
+    parsed = parse_setting(key, value)
+    Setting.replace(key=key, value=str(parsed)).execute()
+    _settings_cache.clear()
+    return parsed
+
+
+def rest_minutes(phone_rest_day, phone_rest_night, at=None):
+    """The rest interval a phone is told now: its own value, else the global one."""
+    values = settings()
+    clock = time.strftime('%H:%M', time.localtime(at or now()))
+    if values['day_start'] <= clock < values['night_start']:
+        own, default = phone_rest_day, values['rest_day']
+    else:
+        own, default = phone_rest_night, values['rest_night']
+    return own if own is not None else default
+
+
+# --------------------------------------------------------------------------
+# Phones
+# --------------------------------------------------------------------------
+
+PHONE_COLUMNS = ('id', 'imsi', 'iccid', 'mac', 'phone_type', 'label', 'offline',
+                 'approved', 'rest_day', 'rest_night', 'refresh_profile', 'xhs_id',
+                 'reading_at', 'last_seen', 'account_name')
+_PHONE_SELECT = 'SELECT %s FROM phone ' % ', '.join(PHONE_COLUMNS)
+_stamped = {}  # phone id -> monotonic time of the last activity write
+
+
+def _phone_row(cursor):
+    row = cursor.fetchone()
+    return dict(zip(PHONE_COLUMNS, row)) if row else None
+
+
+def find_phone_by_sim(imsi, iccid):
+    return _phone_row(db.execute_sql(_PHONE_SELECT + 'WHERE imsi = ? AND iccid = ?', (imsi, iccid)))
+
+
+def find_phone_by_mac(mac):
+    return _phone_row(db.execute_sql(_PHONE_SELECT + 'WHERE mac = ? AND imsi IS NULL', (mac,)))
+
+
+def phone_for(imsi=None, iccid=None, mac=None, phone_type=None, approved=True):
+    """The phone with this SIM (or, with no SIM, this MAC), registered on first sight."""
+    find = (lambda: find_phone_by_sim(imsi, iccid)) if imsi else (lambda: find_phone_by_mac(mac))
+    phone = find()
+    if phone is None:
+        db.execute_sql(
+            'INSERT OR IGNORE INTO phone (imsi, iccid, mac, phone_type, approved, offline, '
+            'refresh_profile, created_at) VALUES (?, ?, ?, ?, ?, 0, 0, ?)',
+            (imsi, iccid, mac, phone_type or (2 if imsi else 1), approved, now()))
+        phone = find()
+    updates = {}
+    if mac and imsi and phone['mac'] != mac:
+        updates['mac'] = mac
+    if phone_type and phone['phone_type'] != phone_type:
+        updates['phone_type'] = phone_type
+    if updates:
+        try:
+            Phone.update(updates).where(Phone.id == phone['id']).execute()
+        except IntegrityError:
+            pass  # the MAC is another phone's: keep the identity we have
+        phone.update(updates)
+    return phone
+
+
+def touch(phone_id, ip=None):
+    """Stamp a phone's last activity, at most once per ACTIVITY_STAMP_SECONDS."""
+    clock = time.monotonic()
+    if clock - _stamped.get(phone_id, -1e9) < ACTIVITY_STAMP_SECONDS:
+        return
+    _stamped[phone_id] = clock
+    db.execute_sql('UPDATE phone SET last_seen = ?, last_ip = ? WHERE id = ?', (now(), ip, phone_id))
+
+
+def is_active(last_seen, at=None):
+    window = settings()['activity_window'] * 60
+    return last_seen is not None and (at or now()) - last_seen <= window
+
+
+def resolve_phone(ref):
+    """A phone named by label, id, imsi or iccid (the CLI's way); None if unknown."""
+    ref = str(ref).strip()
+    by_id = Phone.id == int(ref) if ref.isdigit() and len(ref) < 10 else False
+    match = by_id | (Phone.label == ref) | (Phone.imsi == ref) | (Phone.iccid == ref) | (Phone.mac == ref.lower())
+    # An exact label wins over a number that happens to be another phone's id.
+    return Phone.select().where(match).order_by(Phone.label != ref, Phone.id).first()
+
+
+def phone_label(phone_id):
+    row = db.execute_sql('SELECT label, imsi, mac FROM phone WHERE id = ?', (phone_id,)).fetchone()
+    return next((value for value in row if value), str(phone_id)) if row else ''
+
+
+# --------------------------------------------------------------------------
+# Logs
+# --------------------------------------------------------------------------
+
+def add_log(msg, phone_id=None, macaddr=None, ip_addr=None, imsi=None, iccid=None,
+            phone_type=None, remote=None):
+    cursor = db.execute_sql(
+        'INSERT INTO log (at, phone_id, msg, macaddr, ip_addr, imsi, iccid, phone_type, remote) '
+        'VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+        (now(), phone_id, msg, macaddr, ip_addr, imsi, iccid, phone_type, remote))
+    return cursor.lastrowid
+
+
+def system_log(msg, phone_id=None):
+    """A line written by the server itself, shown with the phone logs."""
+    return add_log('[server] ' + msg, phone_id=phone_id)
+
+
+# --------------------------------------------------------------------------
+# Accounts (update_userinfo and friends)
+# --------------------------------------------------------------------------
+
+def update_account(phone_id, phone_num, name, xhs_id, home_url, mac, platform):
+    """Bind the account to this SIM; move it here if another SIM had it."""
+    with db.atomic('IMMEDIATE'):
+        previous = db.execute_sql('SELECT id FROM phone WHERE xhs_id = ? AND id != ?',
+                                  (xhs_id, phone_id)).fetchone()
+        if previous:
+            db.execute_sql('UPDATE phone SET xhs_id = NULL WHERE id = ?', (previous[0],))
+            system_log('小红书账号 %s 从手机 %s 移到 %s' % (xhs_id, phone_label(previous[0]),
+                                                     phone_label(phone_id)), phone_id)
+        db.execute_sql(
+            'UPDATE phone SET xhs_id = ?, account_name = ?, home_url = ?, phone_num = ?, '
+            'platform = ?, profile_at = ?, refresh_profile = 0, mac = COALESCE(?, mac) WHERE id = ?',
+            (xhs_id, name, home_url, phone_num, platform, now(), mac, phone_id))
+        db.execute_sql(
+            "UPDATE profile SET state = 'used', used_by_id = ?, used_at = ? WHERE id = ("
+            "SELECT id FROM profile WHERE name = ? AND state != 'used' "
+            'ORDER BY reserved_by_id IS ? DESC, id LIMIT 1)',
+            (phone_id, now(), name, phone_id))
+
+
+def stamp_reading(phone_id):
+    db.execute_sql('UPDATE phone SET reading_at = ? WHERE id = ?', (now(), phone_id))
+
+
+def local_date(ts):
+    return time.strftime('%Y-%m-%d', time.localtime(ts))
+
+
+def needs_reading_update(reading_at):
+    return reading_at is None or local_date(reading_at) != local_date(now())
+
+
+# --------------------------------------------------------------------------
+# Tasks: hand-out and completion
+# --------------------------------------------------------------------------
+
+TASK_COLUMNS = ('id', 'kind', 'status', 'title', 'content', 'images', 'topics', 'platform',
+                'name', 'comment_id', 'claimed_by_id', 'claimed_at', 'done_at',
+                'result_url', 'url_key', 'created_at')
+_TASK_FIELDS = ', '.join(TASK_COLUMNS)
+
+_REDELIVER_SQL = (
+    'SELECT %s FROM task WHERE claimed_by_id = ? AND kind = ? AND status = %r '
+    'ORDER BY claimed_at, id LIMIT 1' % (_TASK_FIELDS, CLAIMED))
+
+# The next pending task for a phone: targeted at it or its account first, then
+# untargeted; within each, higher priority, then older. Each branch reads the
+# partial index task_queue / task_account_queue in order.
+_NEXT_SQL = '''SELECT id FROM (
+    SELECT id, 0 AS grp, priority FROM (SELECT id, priority FROM task
+        WHERE status = 'pending' AND kind = :kind AND target_phone_id = :phone
+          AND target_account IS NULL AND run_at <= :now ORDER BY priority DESC, id LIMIT 1)
+    UNION ALL
+    SELECT id, 0, priority FROM (SELECT id, priority FROM task
+        WHERE status = 'pending' AND kind = :kind AND target_account = :account
+          AND run_at <= :now ORDER BY priority DESC, id LIMIT 1)
+    UNION ALL
+    SELECT id, 1, priority FROM (SELECT id, priority FROM task
+        WHERE status = 'pending' AND kind = :kind AND target_phone_id IS NULL
+          AND target_account IS NULL AND run_at <= :now ORDER BY priority DESC, id LIMIT 1)
+    ) ORDER BY grp, priority DESC, id LIMIT 1'''
+
+_CLAIM_SQL = ('UPDATE task SET status = %r, claimed_by_id = :phone, claimed_at = :now '
+              'WHERE id = (%s) AND status = %r RETURNING %s'
+              % (CLAIMED, _NEXT_SQL, PENDING, _TASK_FIELDS))
+
+
+def _task_row(row):
+    return dict(zip(TASK_COLUMNS, row)) if row else None
+
+
+def claim_next(kind, phone_id, account=None):
+    """The phone's unfinished task of this kind, or the next one, now claimed by it.
+
+    A claimed task stays the phone's until it is reported done (or the operator
+    requeues it), so a lost answer is simply handed out again.
+    """
+    row = db.execute_sql(_REDELIVER_SQL, (phone_id, kind)).fetchone()
+    if row:
+        return _task_row(row)
+    args = {'kind': kind, 'phone': phone_id, 'account': account, 'now': now()}
+    # Look first without the write lock: most polls find nothing to claim.
+    if db.execute_sql(_NEXT_SQL, args).fetchone() is None:
+        return None
+    return _task_row(db.execute_sql(_CLAIM_SQL, args).fetchone())
+
+
+def get_task(task_id, kind=None):
+    row = db.execute_sql('SELECT %s, target_phone_id FROM task WHERE id = ?' % _TASK_FIELDS,
+                         (task_id,)).fetchone()
+    if not row:
+        return None
+    task = _task_row(row[:-1])
+    task['target_phone_id'] = row[-1]
+    return task if kind is None or task['kind'] == kind else None
+
+
+class Conflict(Exception):
+    """A completion that contradicts what is recorded."""
+
+
+class NotFound(Exception):
+    """An id that names nothing of the kind asked for."""
+
+
+def url_key(url):
+    """A URL without query string and fragment, host lowercased: what makes two equal."""
+    match = re.match(r'^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/?#]*)([^?#]*)', url.strip())
+    if not match:
+        return url.strip().split('?')[0].split('#')[0]
+    return match.group(1).lower() + match.group(2).lower() + match.group(3).rstrip('/')
+
+
+NOTE_ID_RE = re.compile(r'/(?:explore|discovery/item|item|notes?)/([0-9a-fA-F]{24})(?![0-9a-fA-F])')
+
+
+def note_key(url):
+    """The Xiaohongshu note id in a note URL, when it has one."""
+    match = NOTE_ID_RE.search(url)
+    return match.group(1).lower() if match else None
+
+
+def complete_release(task_id, url, phone_id=None):
+    """Record the published note's URL. Returns True when this call changed it."""
+    key, nkey = url_key(url), note_key(url)
+    with db.atomic('IMMEDIATE'):
+        task = get_task(task_id, RELEASE)
+        if task is None:
+            raise NotFound()
+        if phone_id is not None and task['claimed_by_id'] not in (None, phone_id):
+            raise Conflict('任务属于其他手机')
+        if task['status'] == DONE:
+            same = task['url_key'] == key or (nkey and note_key(task['result_url'] or '') == nkey)
+            if not same:
+                raise Conflict()
+            return False
+        db.execute_sql(
+            'UPDATE task SET status = ?, done_at = ?, result_url = ?, url_key = ?, note_key = ?, '
+            'claimed_by_id = COALESCE(claimed_by_id, ?), claimed_at = COALESCE(claimed_at, ?) '
+            'WHERE id = ?', (DONE, now(), url, key, nkey, phone_id, now(), task_id))
+        return True
+
+
+def complete_task(task_id, kind, done_at=None):
+    """Mark a reply task done (repeat: no change). Returns True when this call changed it."""
+    cursor = db.execute_sql(
+        'UPDATE task SET status = ?, done_at = ?, claimed_at = COALESCE(claimed_at, ?) '
+        'WHERE id = ? AND kind = ? AND status != ?',
+        (DONE, done_at or now(), now(), task_id, kind, DONE))
+    if cursor.rowcount:
+        return True
+    if get_task(task_id, kind) is None:
+        raise NotFound()
+    return False
+
+
+def requeue_task(task_id):
+    """Operator: put a claimed (or cancelled) task back in the queue."""
+    task = get_task(task_id)
+    if task is None:
+        raise NotFound()
+    if task['status'] == DONE:
+        raise Conflict('task %d is already done' % task_id)
+    Task.update(status=PENDING, claimed_by=None, claimed_at=None).where(
+        (Task.id == task_id) & (Task.status != DONE)).execute()
+    return task
+
+
+def cancel_task(task_id):
+    task = get_task(task_id)
+    if task is None:
+        raise NotFound()
+    if task['status'] == DONE:
+        raise Conflict('task %d is already done' % task_id)
+    Task.update(status=CANCELLED, done_at=now()).where(
+        (Task.id == task_id) & (Task.status != DONE)).execute()
+    return task
+
+
+# --------------------------------------------------------------------------
+# Phone numbers and verification codes
+# --------------------------------------------------------------------------
+
+def normalize_number(text):
+    """Digits of a mainland number: `+86`/`86` prefix, spaces and dashes dropped."""
+    digits = re.sub(r'[\s\-()]', '', str(text or ''))
+    if digits.startswith('+'):
+        digits = digits[1:]
+    if len(digits) == 13 and digits.startswith('86'):
+        digits = digits[2:]
+    return digits if re.fullmatch(r'\d{5,15}', digits) else None
+
+
+_BIND_SQL = '''UPDATE number SET phone_id = :phone, bound_at = :now WHERE id = (
+    SELECT id FROM number WHERE phone_id IS NULL AND (iccid = :iccid OR iccid IS NULL)
+    ORDER BY iccid IS NULL, id LIMIT 1) AND phone_id IS NULL RETURNING number'''
+
+
+def number_for(phone_id, iccid):
+    """The number bound to this SIM, binding a free one when it has none yet."""
+    row = db.execute_sql('SELECT number FROM number WHERE phone_id = ?', (phone_id,)).fetchone()
+    if row:
+        return row[0]
+    try:
+        row = db.execute_sql(_BIND_SQL, {'phone': phone_id, 'now': now(), 'iccid': iccid}).fetchone()
+    except IntegrityError:
+        # The same SIM asked twice at once and the other request bound first.
+        row = db.execute_sql('SELECT number FROM number WHERE phone_id = ?', (phone_id,)).fetchone()
+    return row[0] if row else None
+
+
+CODE_RE = re.compile(r'(?<![0-9A-Za-z])\d{4,8}(?![0-9A-Za-z])')
+CODE_WORDS = re.compile(r'验证码|校验码|动态码|确认码|code', re.I)
+
+
+def extract_code(text):
+    """The verification code in an SMS: 4 to 8 digits, the nearest to 验证码 or code."""
+    candidates = list(CODE_RE.finditer(text))
+    if not candidates:
+        return None
+    words = [m.start() for m in CODE_WORDS.finditer(text)]
+    if not words:
+        return candidates[0].group()
+    return min(candidates, key=lambda m: min(abs(m.start() - w) for w in words)).group()
+
+
+def add_code(number, content, code=None, sender=None, sent_at=None, source='sms'):
+    """Store an SMS (or a typed code); the same SMS again within a minute is stored once.
+
+    Returns (id, code, stored_now).
+    """
+    code = code or extract_code(content)
+    with db.atomic('IMMEDIATE'):
+        row = db.execute_sql(
+            'SELECT id, code FROM code WHERE number = ? AND content = ? AND sender IS ? '
+            'AND received_at >= ? ORDER BY id DESC LIMIT 1',
+            (number, content, sender, now() - 60)).fetchone()
+        if row:
+            return row[0], row[1], False
+        cursor = db.execute_sql(
+            'INSERT INTO code (number, code, content, sender, sent_at, received_at, source) '
+            'VALUES (?, ?, ?, ?, ?, ?, ?)', (number, code, content, sender, sent_at, now(), source))
+        return cursor.lastrowid, code, True
+
+
+def latest_code(number, since=None):
+    """(code, received_at) of the newest code within its lifetime, or None."""
+    oldest = now() - settings()['code_lifetime'] * 60
+    if since is not None:
+        oldest = max(oldest, since)
+    return db.execute_sql(
+        'SELECT code, received_at FROM code WHERE number = ? AND received_at >= ? '
+        'AND code IS NOT NULL ORDER BY received_at DESC, id DESC LIMIT 1',
+        (number, oldest)).fetchone()
+
+
+# --------------------------------------------------------------------------
+# New-account profiles
+# --------------------------------------------------------------------------
+
+PROFILE_COLUMNS = ('id', 'gender_id', 'gender', 'head_portrait', 'birthday', 'name', 'platform')
+_PROFILE_FIELDS = ', '.join(PROFILE_COLUMNS)
+_FREE_PROFILE = "(state = 'available' OR (state = 'reserved' AND reserved_until < :now))"
+_OWN_PROFILE = "(state = 'reserved' AND reserved_by_id = :phone AND reserved_until >= :now)"
+
+
+class NotEnough(Exception):
+    def __init__(self, available):
+        super().__init__(available)
+        self.available = available
+
+
+def reserve_profiles(count, phone_id=None):
+    """Reserve `count` profiles for a phone; those it already holds come back first.
+
+    Returns (profiles, available_before). Raises NotEnough, reserving nothing.
+    """
+    args = {'now': now(), 'phone': phone_id, 'n': count,
+            'until': now() + settings()['reservation_window'] * 60}
+    mine = _OWN_PROFILE if phone_id is not None else '0'
+    with db.atomic('IMMEDIATE'):
+        available = db.execute_sql(
+            'SELECT COUNT(*) FROM profile WHERE %s OR %s' % (_FREE_PROFILE, mine), args).fetchone()[0]
+        if available < count:
+            raise NotEnough(available)
+        rows = db.execute_sql(
+            "UPDATE profile SET state = 'reserved', reserved_by_id = :phone, reserved_until = :until "
+            'WHERE id IN (SELECT id FROM profile WHERE %s OR %s ORDER BY %s DESC, id LIMIT :n) '
+            'RETURNING %s' % (_FREE_PROFILE, mine, mine, _PROFILE_FIELDS), args).fetchall()
+    rows.sort(key=lambda row: row[0])
+    return [dict(zip(PROFILE_COLUMNS, row)) for row in rows], available
+
+
+# --------------------------------------------------------------------------
+# Images and screenshots
+# --------------------------------------------------------------------------
+
+IMAGE_TYPES = (
+    (b'\x89PNG\r\n\x1a\n', 'image/png', 'png'),
+    (b'\xff\xd8\xff', 'image/jpeg', 'jpg'),
+    (b'GIF87a', 'image/gif', 'gif'),
+    (b'GIF89a', 'image/gif', 'gif'),
+)
+
+
+def image_type(data):
+    """(mime, extension) from the magic bytes, or None when it is no image we keep."""
+    if data[:4] == b'RIFF' and data[8:12] == b'WEBP':
+        return 'image/webp', 'webp'
+    for magic, mime, ext in IMAGE_TYPES:
+        if data.startswith(magic):
+            return mime, ext
+    return None
+
+
+def store_image(data):
+    """Write the image once per content hash; returns its file name.
+
+    The file is complete and on disk before any row names it, so a crash never
+    leaves a reference to a half-written file. No database lock is held here.
+    """
+    mime, ext = image_type(data)
+    digest = hashlib.sha256(data).hexdigest()
+    name = '%s.%s' % (digest[:32], ext)
+    path = os.path.join(media_dir(), name)
+    if not os.path.exists(path):
+        tmp = '%s.%s.tmp' % (path, secrets.token_hex(4))
+        with open(tmp, 'wb') as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    db.execute_sql('INSERT OR IGNORE INTO image (sha256, name, mime, size, created_at) '
+                   'VALUES (?, ?, ?, ?, ?)', (digest, name, mime, len(data), now()))
+    return name
+
+
+def add_screenshot(name, phone_id, kind, counterpart=''):
+    db.execute_sql(
+        'INSERT OR IGNORE INTO screenshot (image_id, phone_id, kind, counterpart, created_at) '
+        'SELECT id, ?, ?, ?, ? FROM image WHERE name = ?',
+        (phone_id, kind, counterpart, now(), name))
+
+
+MEDIA_NAME_RE = re.compile(r'^[0-9a-f]{32}\.(png|jpg|gif|webp)$')
+
+
+def shot_key(address):
+    """What identifies a screenshot address: our media file name, else the bare URL."""
+    key = url_key(address)
+    tail = key.rsplit('/media/', 1)
+    if len(tail) == 2 and MEDIA_NAME_RE.match(tail[1]):
+        return tail[1]
+    return key
+
+
+# --------------------------------------------------------------------------
+# Comments and note links
+# --------------------------------------------------------------------------
+
+def find_note(url):
+    """The published release task whose URL (or note id) matches."""
+    key, nkey = url_key(url), note_key(url)
+    row = db.execute_sql("SELECT id FROM task WHERE url_key = ? AND kind = 'release' "
+                         'ORDER BY id LIMIT 1', (key,)).fetchone()
+    if row is None and nkey:
+        row = db.execute_sql("SELECT id FROM task WHERE note_key = ? AND kind = 'release' "
+                             'ORDER BY id LIMIT 1', (nkey,)).fetchone()
+    return row[0] if row else None
+
+
+def link_note(notes_url, screenshot):
+    """Tie an article screenshot to its note: (note id, created now?) or NotFound."""
+    note = find_note(notes_url)
+    if note is None:
+        raise NotFound()
+    cursor = db.execute_sql('INSERT OR IGNORE INTO note_link (shot_key, note_id, created_at) '
+                            'VALUES (?, ?, ?)', (shot_key(screenshot), note, now()))
+    if cursor.rowcount:
+        return note, True
+    return linked_note(screenshot), False
+
+
+def linked_note(screenshot):
+    row = db.execute_sql('SELECT note_id FROM note_link WHERE shot_key = ?',
+                         (shot_key(screenshot),)).fetchone()
+    return row[0] if row else None
+
+
+def add_comment(phone_id, fields):
+    """Record a comment; (id, created now?). The same one again is not duplicated."""
+    note = fields.get('article_notes_id') or linked_note(fields['article_picture_address'])
+    if note is not None and get_task(note, RELEASE) is None:
+        note = None  # a note id we do not know is kept off the link, not refused
+    cursor = db.execute_sql(
+        'INSERT OR IGNORE INTO comment (phone_id, nick_name, head_portrait, comments_status, '
+        'content, article_picture_address, screenshots_address, note_id, delete_state, '
+        'created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+        (phone_id, fields['nick_name'], fields['head_portrait'], fields['comments_status'],
+         fields['comments_content'], fields['article_picture_address'],
+         fields['screenshots_address'], note, DEL_NONE, now()))
+    if cursor.rowcount:
+        return cursor.lastrowid, True
+    row = db.execute_sql('SELECT id FROM comment WHERE phone_id = ? AND nick_name = ? AND content = ?',
+                         (phone_id, fields['nick_name'], fields['comments_content'])).fetchone()
+    return row[0], False
+
+
+COMMENT_REPLY_SQL = '''SELECT t.id, c.comments_status, c.content, c.nick_name,
+    c.article_picture_address, c.screenshots_address, t.platform, t.content, t.created_at
+    FROM task t JOIN comment c ON c.id = t.comment_id WHERE t.id = ?'''
+
+
+def comment_reply_task(task_id):
+    return db.execute_sql(COMMENT_REPLY_SQL, (task_id,)).fetchone()
+
+
+def next_delete(phone_id):
+    return db.execute_sql(
+        'SELECT c.id, c.content, c.screenshots_address, c.nick_name, p.label, p.account_name, '
+        'p.platform, p.imsi FROM comment c JOIN phone p ON p.id = c.phone_id '
+        "WHERE c.phone_id = ? AND c.delete_state = 'ordered' "
+        'ORDER BY c.delete_ordered_at, c.id LIMIT 1', (phone_id,)).fetchone()
+
+
+# The phone's report on a deletion: the state it moves to, from which states,
+# and which states mean "already reported the same".
+DELETE_REPORTS = {
+    DEL_DONE: ({DEL_ORDERED, DEL_FAILED}, {DEL_DONE}),
+    DEL_FAILED: ({DEL_ORDERED}, {DEL_FAILED}),
+}
+
+
+def report_delete(comment_id, outcome):
+    """Apply a phone's deletion report; True when it changed something."""
+    allowed, same = DELETE_REPORTS[outcome]
+    with db.atomic('IMMEDIATE'):
+        row = db.execute_sql('SELECT delete_state FROM comment WHERE id = ?', (comment_id,)).fetchone()
+        if row is None:
+            raise NotFound()
+        if row[0] in same:
+            return False
+        if row[0] not in allowed:
+            raise Conflict()
+        db.execute_sql('UPDATE comment SET delete_state = ?, delete_done_at = ? WHERE id = ?',
+                       (outcome, now(), comment_id))
+        return True
+
+
+def order_delete(comment_id):
+    """Operator: order a comment deleted (again, after a failure)."""
+    with db.atomic('IMMEDIATE'):
+        comment = Comment.get_or_none(Comment.id == comment_id)
+        if comment is None:
+            raise NotFound()
+        if comment.delete_state == DEL_DONE:
+            raise Conflict('comment %d is already deleted' % comment_id)
+        if comment.delete_state == DEL_ORDERED:
+            return False
+        Comment.update(delete_state=DEL_ORDERED, delete_ordered_at=now(),
+                       delete_done_at=None).where(Comment.id == comment_id).execute()
+        return True
+
+
+def order_reply(comment_id, text):
+    """Operator: queue a reply to a comment, for the phone that reported it."""
+    comment = Comment.get_or_none(Comment.id == comment_id)
+    if comment is None:
+        raise NotFound()
+    platform = Phone.get_by_id(comment.phone_id).platform or 1
+    return Task.create(kind=COMMENT_REPLY, target_phone=comment.phone_id, comment=comment_id,
+                       content=text, platform=platform).id
+
+
+def parse_json_list(text):
+    return json.loads(text) if text else []

@@ -1,0 +1,1034 @@
+"""xhs-server: the HTTP API the studio's phones call.
+
+Every phone endpoint answers GET and POST, under `/<group>/<action>` with an
+optional `/<digits>`, trailing slash and `/api_hurong` prefix, and always with
+HTTP 200 and the envelope `{"code", "msg", "data", "note"}` (see API.md).
+"""
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+import traceback
+import urllib.parse
+
+import bottle
+import peewee
+from bottle import Bottle, request, response
+
+import models
+from models import Conflict, NotEnough, NotFound
+
+__version__ = '1.0.0'
+
+log = logging.getLogger('xhs_server')
+
+# --------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------
+
+DEFAULT_ALLOW = ('127.0.0.0/8', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16',
+                 '169.254.0.0/16', '100.64.0.0/10', '::1/128', 'fc00::/7', 'fe80::/10')
+PREFIX = 'api_hurong'
+JSON_TYPE = 'application/json; charset=utf-8'
+DRAIN_LIMIT = 128 * 1024 * 1024   # an oversized body is read and dropped up to this, then cut
+CHUNK = 64 * 1024
+
+MISSING = '缺少参数: %s'
+INVALID = '参数无效: %s'
+NOTHING = '当前无任务'
+
+app = Bottle()
+app.config.update({'xhs.token': '', 'xhs.allow': None, 'xhs.approve_new': False})
+
+
+def configure(token=None, allow=None, approve_new=False):
+    """Access rules: token (None: off), allowed networks (None: loopback and LAN), approval mode."""
+    networks = [ipaddress.ip_network(net, strict=False) for net in (allow or DEFAULT_ALLOW)]
+    app.config.update({'xhs.token': token or '', 'xhs.allow': networks,
+                       'xhs.approve_new': bool(approve_new)})
+    _allowed_cache.clear()
+
+
+# --------------------------------------------------------------------------
+# Answers
+# --------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An answer other than success: the envelope's code and message."""
+
+    def __init__(self, code, msg, data=None):
+        super().__init__(msg)
+        self.code, self.msg, self.data = code, msg, data
+
+
+def envelope(code, msg, data=None, note=None):
+    body = {'code': code, 'msg': msg, 'data': {} if data is None else data,
+            'note': note or {}}
+    return json.dumps(body, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
+
+
+def ok(data=None, msg='', note=None):
+    return envelope(200, msg, data, note)
+
+
+def nothing(msg=NOTHING):
+    return ok({}, msg)
+
+
+def answer(body, status=200):
+    response.status = status
+    response.content_type = JSON_TYPE
+    return body
+
+
+# --------------------------------------------------------------------------
+# Request parsing
+# --------------------------------------------------------------------------
+
+class Params:
+    """Request parameters merged from query, body (JSON, urlencoded, multipart).
+
+    Values are stripped strings; an empty value counts as missing. A name may
+    carry several values (a repeated field or a JSON array).
+    """
+
+    def __init__(self):
+        self.values = {}
+        self.json = None
+
+    def add(self, name, value):
+        if value is None:
+            return
+        if isinstance(value, list):
+            for item in value:
+                self.add(name, item)
+            return
+        text = json_text(value).strip()
+        if text:
+            self.values.setdefault(name, []).append(text)
+
+    def merge(self, other):
+        """Take `other`'s names over ours (the body beats the query)."""
+        self.values.update(other.values)
+        self.json = other.json if other.json is not None else self.json
+
+    def get(self, name):
+        values = self.values.get(name)
+        return values[0] if values else None
+
+    def getall(self, name):
+        return self.values.get(name, [])
+
+    def __contains__(self, name):
+        return name in self.values
+
+
+def json_text(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+_ESCAPE = re.compile(rb'%[0-9A-Fa-f]{2}')
+
+
+def unquote(raw):
+    """Form-decode bytes (`+` is a space, `%XX` a byte); fast for megabytes of base64."""
+    raw = raw.replace(b'+', b' ')
+    if b'%' not in raw:
+        return raw
+    if len(raw) < 4096:
+        return urllib.parse.unquote_to_bytes(raw)
+    # Replace each distinct escape at C speed; %25 last, so no '%' it makes
+    # can start another escape.
+    escapes = set(_ESCAPE.findall(raw))
+    for escape in sorted(escapes, key=lambda e: e.upper() == b'%25'):
+        raw = raw.replace(escape, bytes([int(escape[1:], 16)]))
+    return raw
+
+
+def parse_urlencoded(data, params):
+    for pair in data.split(b'&'):
+        if pair:
+            name, _, value = pair.partition(b'=')
+            params.add(decode_text(unquote(name)), decode_text(unquote(value)))
+
+
+def decode_text(raw):
+    return raw.decode('utf-8', 'replace')
+
+
+def parse_multipart(body, content_type, params):
+    match = re.search(r'boundary="?([^";,]+)"?', content_type)
+    if not match:
+        raise ApiError(301, '请求格式无效: multipart 缺少 boundary')
+    delimiter = b'--' + match.group(1).encode('latin-1')
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b'--'):
+            break
+        head, sep, value = part.partition(b'\r\n\r\n')
+        if not sep:
+            head, sep, value = part.partition(b'\n\n')
+        name = re.search(rb'name="([^"]*)"', head, re.I)
+        if sep and name:
+            value = value[:-2] if value.endswith(b'\r\n') else value.rstrip(b'\n')
+            params.add(decode_text(name.group(1)), decode_text(value))
+
+
+def parse_json(body):
+    """The JSON object in a body (a JSON string holding one is unwrapped once), or None."""
+    try:
+        value = json.loads(body)
+    except UnicodeDecodeError:
+        value = json.loads(decode_text(body))
+    if isinstance(value, str):
+        value = json.loads(value)
+    return value if isinstance(value, dict) else None
+
+
+def parse_body(body, content_type):
+    params = Params()
+    if not body:
+        return params
+    ctype = content_type.lower()
+    if ctype.startswith('multipart/'):
+        parse_multipart(body, content_type, params)
+        return params
+    if body.lstrip()[:1] in (b'{', b'"'):
+        try:
+            params.json = parse_json(body)
+        except ValueError:
+            if 'json' in ctype:
+                raise ApiError(301, '请求格式无效: JSON') from None
+        if params.json is not None:
+            for name, value in params.json.items():
+                params.add(name, value)
+            return params
+    if b'=' in body:
+        parse_urlencoded(body, params)
+    return params
+
+
+def read_body(environ, limit):
+    """The request body, refusing (413) past `limit` without holding it in memory."""
+    stream = environ['wsgi.input']
+    length = environ.get('CONTENT_LENGTH') or ''
+    if length.strip():
+        try:
+            length = int(length)
+        except ValueError:
+            raise ApiError(301, '请求格式无效: Content-Length') from None
+        if length > limit:
+            drain(stream, length)
+            raise ApiError(413, '请求体过大')
+        return stream.read(length) if length > 0 else b''
+    if 'chunked' not in environ.get('HTTP_TRANSFER_ENCODING', '').lower():
+        return b''
+    body = stream.read(limit + 1)
+    if len(body) > limit:
+        drain(stream, DRAIN_LIMIT)
+        raise ApiError(413, '请求体过大')
+    return body
+
+
+def drain(stream, length):
+    """Read and drop an oversized body so the phone sees the answer, not a reset.
+
+    Beyond DRAIN_LIMIT the connection is closed instead.
+    """
+    remaining = min(length, DRAIN_LIMIT)
+    while remaining > 0:
+        chunk = stream.read(min(CHUNK, remaining))
+        if not chunk:
+            break
+        remaining -= len(chunk)
+    if length > DRAIN_LIMIT:
+        response.set_header('Connection', 'close')
+
+
+def request_params():
+    environ = request.environ
+    params = Params()
+    query = environ.get('QUERY_STRING', '')
+    if query:
+        parse_urlencoded(query.encode('latin-1', 'replace'), params)
+    limit = models.settings()['max_body_mb'] * 1024 * 1024
+    body = read_body(environ, limit)
+    params.merge(parse_body(body, environ.get('CONTENT_TYPE', '')))
+    return params
+
+
+# --------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------
+
+SIM_RE = re.compile(r'[0-9A-Za-z]{5,32}')
+PLACEHOLDERS = {'null', 'none', 'undefined', 'unknown', 'nil'}
+MAC_PLACEHOLDER = '02:00:00:00:00:00'
+
+
+def need(p, name):
+    value = p.get(name)
+    if value is None:
+        raise ApiError(301, MISSING % name)
+    return value
+
+
+def sim_value(value):
+    """A usable IMSI/ICCID, or None for placeholders and malformed values."""
+    if value is None or value.lower() in PLACEHOLDERS or not SIM_RE.fullmatch(value):
+        return None
+    return None if set(value) == {'0'} else value
+
+
+def need_sim(p):
+    values = []
+    for name in ('imsi', 'iccid'):
+        value = need(p, name)
+        if sim_value(value) is None:
+            raise ApiError(301, INVALID % name)
+        values.append(value)
+    return values
+
+
+def mac_value(value):
+    """(normalised MAC or None, valid?). The Android placeholder is valid but unknown."""
+    if value is None:
+        return None, True
+    digits = re.sub(r'[\s:\-.]', '', value).lower()
+    if not re.fullmatch(r'[0-9a-f]{12}', digits):
+        return None, False
+    mac = ':'.join(digits[i:i + 2] for i in range(0, 12, 2))
+    return (None if mac == MAC_PLACEHOLDER or mac == '00:00:00:00:00:00' else mac), True
+
+
+def int_value(p, name, default=None, low=None, high=None):
+    value = p.get(name)
+    if value is None:
+        if default is None:
+            raise ApiError(301, MISSING % name)
+        return default
+    number = whole_number(value)
+    if number is None:
+        raise ApiError(301, INVALID % name)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise ApiError(301, INVALID % name)
+    return number
+
+
+def whole_number(text):
+    """An int from `12`, `12.0` or ` 12 `; None for anything else."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def phone_type_value(p):
+    value = p.get('phone_type')
+    return int(value) if value in ('1', '2') else None
+
+
+def parse_time(value):
+    """Epoch seconds from epoch seconds/milliseconds or a local `YYYY-MM-DD[ T]HH:MM[:SS]`."""
+    value = value.strip()
+    if re.fullmatch(r'\d+(\.\d+)?', value):
+        number = float(value)
+        return number / 1000 if number > 1e11 else number
+    text = value.replace('T', ' ').replace('/', '-')
+    for fmt in ('%Y-%m-%d %H:%M:%S', '%Y-%m-%d %H:%M', '%Y-%m-%d'):
+        try:
+            return time.mktime(time.strptime(text[:19], fmt))
+        except ValueError:
+            continue
+    return None
+
+
+def current_phone(p):
+    """The calling phone by its SIM, registered on first sight; refused while unapproved."""
+    imsi, iccid = need_sim(p)
+    mac, _ = mac_value(p.get('macaddr'))
+    phone = models.phone_for(imsi, iccid, mac=mac, phone_type=phone_type_value(p),
+                             approved=not app.config['xhs.approve_new'])
+    require_approved(phone)
+    models.touch(phone['id'], request.environ.get('REMOTE_ADDR'))
+    return phone
+
+
+def optional_phone(p):
+    """The phone when the request names a usable SIM, else None."""
+    if sim_value(p.get('imsi')) and sim_value(p.get('iccid')):
+        return current_phone(p)
+    return None
+
+
+def require_approved(phone):
+    if not phone['approved']:
+        raise ApiError(403, '禁止访问: 手机待批准')
+
+
+def base_url():
+    environ = request.environ
+    host = environ.get('HTTP_HOST') or '%s:%s' % (environ.get('SERVER_NAME', 'localhost'),
+                                                   environ.get('SERVER_PORT', '80'))
+    return '%s://%s' % (environ.get('wsgi.url_scheme', 'http'), host)
+
+
+def media_url(name):
+    return '%s/media/%s' % (base_url(), name)
+
+
+def image_urls(images_json):
+    return [media_url(item[6:]) if item.startswith('media:') else item
+            for item in models.parse_json_list(images_json)]
+
+
+# --------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------
+
+_URLSAFE = bytes.maketrans(b'-_', b'+/')
+_DATA_PREFIX = re.compile(rb'^data:[^,]{0,100};base64,', re.I)
+
+
+def decode_image(value, field='img_base64_data'):
+    """Bytes of a base64 image in any of the variants phones send (API.md §3)."""
+    try:
+        raw = value.encode('ascii')
+    except UnicodeEncodeError:
+        raise ApiError(301, INVALID % field) from None
+    raw = _DATA_PREFIX.sub(b'', raw, count=1).replace(b' ', b'+')
+    raw = raw.translate(None, b'\r\n\t\x0b\x0c').translate(_URLSAFE).rstrip(b'=')
+    limit = models.settings()['max_image_mb'] * 1024 * 1024
+    if len(raw) * 3 // 4 > limit:
+        raise ApiError(413, '图片过大')
+    if len(raw) % 4 == 1:
+        raise ApiError(301, INVALID % field)
+    try:
+        data = base64.b64decode(raw + b'=' * (-len(raw) % 4), validate=True)
+    except binascii.Error:
+        raise ApiError(301, INVALID % field) from None
+    if models.image_type(data) is None:
+        raise ApiError(301, INVALID % field + ' (不是 PNG/JPEG/WebP/GIF 图片)')
+    return data
+
+
+def save_images(values):
+    """Decode every image first (nothing stored if one is bad), then store each once."""
+    limit = models.settings()['max_images']
+    if len(values) > limit:
+        raise ApiError(301, INVALID % 'img_base64_data' + ' (最多 %d 张)' % limit)
+    images = [decode_image(value) for value in values]
+    return [models.store_image(data) for data in images]
+
+
+# --------------------------------------------------------------------------
+# Access
+# --------------------------------------------------------------------------
+
+_allowed_cache = {}
+
+
+def address_allowed(address):
+    allowed = _allowed_cache.get(address)
+    if allowed is None:
+        try:
+            ip = ipaddress.ip_address((address or '').split('%')[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        allowed = any(ip in net for net in app.config['xhs.allow'] if net.version == ip.version)
+        if len(_allowed_cache) < 10000:
+            _allowed_cache[address] = allowed
+    return allowed
+
+
+def check_address():
+    if app.config['xhs.allow'] is None:
+        configure()
+    if not address_allowed(request.environ.get('REMOTE_ADDR')):
+        raise ApiError(403, '禁止访问')
+
+
+def check_token(p):
+    token = app.config['xhs.token']
+    if not token:
+        return
+    environ = request.environ
+    given = p.get('token') if p is not None else None
+    given = given or environ.get('HTTP_X_TOKEN') or ''
+    auth = environ.get('HTTP_AUTHORIZATION', '')
+    if not given and auth[:7].lower() == 'bearer ':
+        given = auth[7:].strip()
+    if not hmac.compare_digest(given.encode('utf-8'), token.encode('utf-8')):
+        raise ApiError(401, '未授权')
+
+
+# --------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------
+
+HANDLERS = {}
+
+
+def api(group, *actions):
+    """Register a handler for `group/action` (and any alias actions)."""
+    def register(func):
+        for action in actions:
+            HANDLERS[(group, action)] = func
+        return func
+    return register
+
+
+def endpoint(path):
+    """(group, action) of a phone path, tolerating /api_hurong, /<digits> and a trailing /."""
+    parts = [part for part in path.split('/') if part]
+    if parts and parts[0] == PREFIX:
+        parts = parts[1:]
+    if len(parts) == 3 and parts[2].isdigit():
+        parts = parts[:2]
+    return tuple(parts) if len(parts) == 2 else None
+
+
+def guarded(handler):
+    """Run a handler; every outcome becomes the JSON envelope (HTTP 200)."""
+    try:
+        check_address()
+        return answer(handler())
+    except ApiError as error:
+        return answer(envelope(error.code, error.msg, error.data))
+    except peewee.OperationalError as error:
+        if 'locked' in str(error) or 'busy' in str(error):
+            return answer(envelope(503, '服务繁忙，请稍后重试'))
+        return internal_error()
+    except Exception:
+        return internal_error()
+
+
+def internal_error():
+    log.error('request %s %s failed\n%s', request.method, request.path, traceback.format_exc())
+    return answer(envelope(500, '服务器内部错误'))
+
+
+def phone_api(path):
+    handler = HANDLERS.get(endpoint(path))
+
+    def run():
+        p = request_params()
+        check_token(p)
+        if handler is None:
+            raise ApiError(402, '请求异常')
+        return handler(p)
+    return guarded(run)
+
+
+def json_error(error):
+    """Bottle's own errors (bad request lines, unknown methods) as the envelope too."""
+    response.content_type = JSON_TYPE
+    if error.status_code == 404:
+        return envelope(404, '文件不存在')
+    if error.status_code >= 500:
+        log.error('unhandled error: %s', error.traceback or error.body)
+        return envelope(500, '服务器内部错误')
+    return envelope(402, '请求异常')
+
+
+app.default_error_handler = json_error
+
+
+# --------------------------------------------------------------------------
+# Group xhs_phone_log
+# --------------------------------------------------------------------------
+
+@api('xhs_phone_log', 'add')
+def log_add(p):
+    """Keep the line whatever the metadata; it identifies a phone only when valid."""
+    msg = need(p, 'log_msg')
+    phone = None
+    imsi, iccid = sim_value(p.get('imsi')), sim_value(p.get('iccid'))
+    mac, _ = mac_value(p.get('macaddr'))
+    kind = phone_type_value(p)
+    approved = not app.config['xhs.approve_new']
+    if imsi and iccid:
+        phone = models.phone_for(imsi, iccid, mac=mac, phone_type=kind, approved=approved)
+    elif mac and kind == 1:
+        phone = models.phone_for(mac=mac, phone_type=1, approved=approved)
+    remote = request.environ.get('REMOTE_ADDR')
+    models.add_log(msg, phone and phone['id'], p.get('macaddr'), p.get('ip_addr'),
+                   p.get('imsi'), p.get('iccid'), p.get('phone_type'), remote)
+    if phone:
+        require_approved(phone)
+        models.touch(phone['id'], remote)
+    return ok(msg='日志纪录成功')
+
+
+# --------------------------------------------------------------------------
+# Group xiaohongshu_userprofile
+# --------------------------------------------------------------------------
+
+@api('xiaohongshu_userprofile', 'update_userinfo')
+def update_userinfo(p):
+    fields = {name: need(p, name) for name in ('phone_num', 'imsi', 'iccid', 'name',
+                                               'xiaohongshu_id', 'home_url', 'macaddr', 'platform')}
+    number = models.normalize_number(fields['phone_num'])
+    if number is None:
+        raise ApiError(301, INVALID % 'phone_num')
+    mac, valid = mac_value(fields['macaddr'])
+    if not valid:
+        raise ApiError(301, INVALID % 'macaddr')
+    platform = int_value(p, 'platform')
+    phone = current_phone(p)
+    models.update_account(phone['id'], number, fields['name'], fields['xiaohongshu_id'],
+                          fields['home_url'], mac, platform)
+    return ok(msg='更新成功')
+
+
+@api('xiaohongshu_userprofile', 'update_reading_update_time')
+def update_reading_update_time(p):
+    models.stamp_reading(current_phone(p)['id'])
+    return ok(msg='修改成功')
+
+
+@api('xiaohongshu_userprofile', 'is_update_userinfo')
+def is_update_userinfo(p):
+    phone = current_phone(p)
+    return ok({'is_update': phone['xhs_id'] is None or bool(phone['refresh_profile'])}, '查询成功')
+
+
+@api('xiaohongshu_userprofile', 'check_updated_today')
+def check_updated_today(p):
+    phone = current_phone(p)
+    return ok({'flag': models.needs_reading_update(phone['reading_at'])}, '查询成功')
+
+
+# --------------------------------------------------------------------------
+# Group xiaohongshu_biji (notes to publish)
+# --------------------------------------------------------------------------
+
+@api('xiaohongshu_biji', 'get_release_task')
+def get_release_task(p):
+    phone = current_phone(p)
+    task = None if phone['offline'] else models.claim_next(models.RELEASE, phone['id'], phone['xhs_id'])
+    if task is None:
+        return nothing()
+    data = {'id': task['id'], 'content': task['content'], 'platform': task['platform']}
+    if task['title']:
+        data['title'] = task['title']
+    if task['images']:
+        data['images'] = image_urls(task['images'])
+    if task['topics']:
+        data['topics'] = models.parse_json_list(task['topics'])
+    return ok(data, '获取成功')
+
+
+def task_id_value(p, name='task_id'):
+    return int_value(p, name, low=1, high=2 ** 62)
+
+
+@api('xiaohongshu_biji', 'upload_url')
+def upload_url(p):
+    task_id = task_id_value(p)
+    url = need(p, 'url')
+    if not re.match(r'^https?://[^/\s?#]+', url, re.I):
+        raise ApiError(301, INVALID % 'url')
+    phone = optional_phone(p)
+    try:
+        models.complete_release(task_id, url, phone and phone['id'])
+    except NotFound:
+        raise ApiError(301, '任务不存在') from None
+    except Conflict:
+        raise ApiError(301, '状态冲突') from None
+    return ok(msg='提交成功')
+
+
+# --------------------------------------------------------------------------
+# Group xiaohongshu_direct_essages (direct messages)
+# --------------------------------------------------------------------------
+
+@api('xiaohongshu_direct_essages', 'save_screenshots')
+def save_dm_screenshot(p):
+    phone = current_phone(p)
+    name = need(p, 'name')
+    need(p, 'img_base64_data')
+    stored = save_images(p.getall('img_base64_data')[:1])[0]
+    models.add_screenshot(stored, phone['id'], 'dm', name)
+    return ok({'key': media_url(stored)}, '保存成功')
+
+
+@api('xiaohongshu_direct_essages', 'get_reply')
+def get_reply(p):
+    phone = current_phone(p)
+    task = None if phone['offline'] else models.claim_next(models.REPLY, phone['id'])
+    if task is None:
+        return nothing()
+    return ok({'id': task['id'], 'name': task['name'], 'msg': task['content'],
+               'platform': task['platform']}, '获取成功')
+
+
+@api('xiaohongshu_direct_essages', 'reply_save')
+def reply_save(p):
+    try:
+        models.complete_task(task_id_value(p), models.REPLY)
+    except NotFound:
+        raise ApiError(301, '任务不存在') from None
+    return ok(msg='操作完成')
+
+
+@api('xiaohongshu_direct_essages', 'get_screenshot_time')
+def get_screenshot_time(p):
+    phone = current_phone(p)
+    return ok({'screenshot_time': models.rest_minutes(phone['rest_day'], phone['rest_night'])},
+              '查询成功')
+
+
+# --------------------------------------------------------------------------
+# Group xhs_phone_management
+# --------------------------------------------------------------------------
+
+@api('xhs_phone_management', 'get_phone_work_status')
+def get_phone_work_status(p):
+    """Asked by the phone's watchdog; not itself activity."""
+    kind = int_value(p, 'phone_type', low=1, high=2)
+    if kind == 1 and not (p.get('imsi') and p.get('iccid')):
+        mac, valid = mac_value(need(p, 'macaddr'))
+        if mac is None:
+            raise ApiError(301, INVALID % 'macaddr')
+        phone = models.find_phone_by_mac(mac)
+    else:
+        imsi, iccid = need_sim(p)
+        phone = models.find_phone_by_sim(imsi, iccid)
+    if phone is None:
+        raise ApiError(301, '该手机不存在')
+    require_approved(phone)
+    if phone['offline']:
+        reason = '已被设为离线'
+    elif not models.is_active(phone['last_seen']):
+        reason = '超过%d分钟无活动' % models.settings()['activity_window']
+    else:
+        reason = ''
+    return ok({'flag': bool(reason), 'reason': reason,
+               'last_seen': models.fmt_time(phone['last_seen'])},
+              '查询成功', note={'flag': '如果为True 则异常'})
+
+
+@api('xhs_phone_management', 'get_phone_number')
+def get_phone_number(p):
+    phone = current_phone(p)
+    number = models.number_for(phone['id'], phone['iccid'])
+    if number is None:
+        return ok({'phone_number': ''}, '暂无可用手机号')
+    return ok({'phone_number': number}, '查询成功')
+
+
+@api('xhs_phone_management', 'get_verification_code')
+def get_verification_code(p):
+    number = models.normalize_number(need(p, 'phone_number'))
+    if number is None:
+        raise ApiError(301, INVALID % 'phone_number')
+    since = None
+    if p.get('since') is not None:
+        since = parse_time(p.get('since'))
+        if since is None:
+            raise ApiError(301, INVALID % 'since')
+    found = models.latest_code(number, since)
+    if found is None:
+        raise ApiError(301, '暂无验证码')
+    return ok({'verification_code': found[0], 'yzm_time': models.fmt_time(found[1], 'T')},
+              '查询成功')
+
+
+@api('xhs_phone_management', 'get_xhs_unregistered_information')
+def get_xhs_unregistered_information(p):
+    count = int_value(p, 'get_info_number', default=1, low=1, high=50)
+    phone = optional_phone(p)
+    try:
+        profiles, available = models.reserve_profiles(count, phone and phone['id'])
+    except NotEnough as short:
+        raise ApiError(301, '当前未注册小红书账号低于%d条, 剩余%d条' % (count, short.available)) from None
+    for profile in profiles:
+        profile['gender'] = profile['gender'] or ('男' if profile['gender_id'] == 1 else '女')
+    return ok({'ret_data': profiles, 'count': available}, '查询成功')
+
+
+# --------------------------------------------------------------------------
+# Group DMS_screenshots (comment moderation); the earlier server's
+# comment_management/<op> paths answer too, with its names.
+# --------------------------------------------------------------------------
+
+COMMENTS = ('DMS_screenshots', 'comment_management')
+COMMENT_FIELDS = ('head_portrait', 'nick_name', 'comments_status', 'comments_content',
+                  'article_picture_address', 'screenshots_address')
+
+
+def comment_api(*actions):
+    def register(func):
+        for group in COMMENTS:
+            api(group, *actions)(func)
+        return func
+    return register
+
+
+@comment_api('save_screenshots')
+def save_article_screenshots(p):
+    if 'comments_content' in p:
+        return add_comment(p)
+    phone = current_phone(p)
+    need(p, 'img_base64_data')
+    names = save_images(p.getall('img_base64_data'))
+    for name in names:
+        models.add_screenshot(name, phone['id'], 'article')
+    urls = [media_url(name) for name in names]
+    return ok({'key': urls[0], 'keys': urls}, '提交成功')
+
+
+@comment_api('add_comment', 'mobile_phone_reviews')
+def add_comment(p):
+    phone = current_phone(p)
+    fields = {name: need(p, name) for name in COMMENT_FIELDS}
+    if p.get('article_notes_id') is not None:
+        fields['article_notes_id'] = task_id_value(p, 'article_notes_id')
+    comment_id, created = models.add_comment(phone['id'], fields)
+    return ok({'id': comment_id}, '创建成功' if created else '重复评论')
+
+
+@comment_api('query_reply_task')
+def query_reply_task(p):
+    if p.get('task_type') == 'delete':
+        return query_delete_task(p)
+    phone = current_phone(p)
+    task = None if phone['offline'] else models.claim_next(models.COMMENT_REPLY, phone['id'])
+    if task is None:
+        return nothing('无任务')
+    row = models.comment_reply_task(task['id'])
+    keys = ('id', 'comment_type', 'comments_content', 'nick_name', 'article_picture_address',
+            'screenshots_address', 'platform', 'comment_response', 'create_datetime')
+    data = dict(zip(keys, row))
+    data['create_datetime'] = models.fmt_time(data['create_datetime'])
+    return ok(data, '查询成功')
+
+
+@comment_api('reply_comment_is_success')
+def reply_comment_is_success(p):
+    if 'notes_url' in p and 'comment_id' not in p:
+        return associate_notes(p)
+    task_id = task_id_value(p, 'comment_id')
+    done_at = None
+    if p.get('comment_completion_time') is not None:
+        done_at = parse_time(p.get('comment_completion_time'))
+        if done_at is None:
+            raise ApiError(301, INVALID % 'comment_completion_time')
+    try:
+        models.complete_task(task_id, models.COMMENT_REPLY, done_at)
+    except NotFound:
+        raise ApiError(301, '任务不存在') from None
+    return ok(msg='成功')
+
+
+@comment_api('query_delete_task', 'query_delete_comment')
+def query_delete_task(p):
+    phone = current_phone(p)
+    row = None if phone['offline'] else models.next_delete(phone['id'])
+    if row is None:
+        return nothing('无任务')
+    comment_id, content, shot, nick, label, account, platform, imsi = row
+    return ok({'id': comment_id, 'comments_content': content, 'screenshots_address': shot,
+               'phone_name': label or imsi, 'user_name': nick, 'blogger_name': account or '',
+               'platform': platform or 1}, '查询成功')
+
+
+def delete_report(p, outcome, msg):
+    try:
+        models.report_delete(task_id_value(p, 'comment_id'), outcome)
+    except NotFound:
+        raise ApiError(301, '评论不存在') from None
+    except Conflict:
+        raise ApiError(301, '状态冲突') from None
+    return ok(msg=msg)
+
+
+@comment_api('reply_comment_is_delete')
+def reply_comment_is_delete(p):
+    return delete_report(p, models.DEL_DONE, '操作完成')
+
+
+@comment_api('comment_post_exception_instead')
+def comment_post_exception_instead(p):
+    return delete_report(p, models.DEL_FAILED, '删除异常成功')
+
+
+@comment_api('associate_notes', 'associated_screenshots')
+def associate_notes(p):
+    url, shot = need(p, 'notes_url'), need(p, 'screenshots')
+    try:
+        note, created = models.link_note(url, shot)
+    except NotFound:
+        raise ApiError(301, '笔记不存在') from None
+    return ok({'biji_id': note}, '关联成功' if created else '重复关联')
+
+
+@comment_api('determine_correlation')
+def determine_correlation(p):
+    note = models.linked_note(need(p, 'screenshots'))
+    return ok({'flag': note is not None, 'biji_id': note}, '查询完成')
+
+
+# --------------------------------------------------------------------------
+# SMS intake (API.md §5)
+# --------------------------------------------------------------------------
+
+SMS_TEXT = ('content', 'text', 'msg', 'message', 'body')
+SMS_RECEIVER = ('phone_number', 'to', 'receiver')
+
+
+def first_of(p, names):
+    return next((p.get(name) for name in names if p.get(name) is not None), None)
+
+
+def sms_fields(p):
+    """(receiver, text, sender, sent_at) from a forwarder's flat or nested webhook."""
+    payload = (p.json or {}).get('payload')
+    if isinstance(payload, dict):
+        nested = Params()
+        for name, value in payload.items():
+            nested.add(name, value)
+        text, sender = nested.get('message'), nested.get('phoneNumber')
+        sent = nested.get('receivedAt')
+    else:
+        text, sender = first_of(p, SMS_TEXT), first_of(p, ('from', 'sender'))
+        sent = first_of(p, ('timestamp', 'time', 'sent_at', 'receivedAt'))
+    return first_of(p, SMS_RECEIVER), text, sender, sent and parse_time(sent)
+
+
+@app.route('/sms/receive', method=['GET', 'POST'])
+@app.route('/sms/receive/', method=['GET', 'POST'])
+def sms_receive():
+    def run():
+        p = request_params()
+        check_token(p)
+        receiver, text, sender, sent_at = sms_fields(p)
+        if receiver is None:
+            raise ApiError(301, MISSING % 'phone_number')
+        number = models.normalize_number(receiver)
+        if number is None:
+            raise ApiError(301, INVALID % 'phone_number')
+        if text is None:
+            raise ApiError(301, MISSING % 'content')
+        sms_id, code, stored = models.add_code(number, text, sender=sender, sent_at=sent_at)
+        return ok({'id': sms_id, 'has_code': code is not None, 'duplicate': not stored}, '接收成功')
+    return guarded(run)
+
+
+# --------------------------------------------------------------------------
+# Media, health, and everything else
+# --------------------------------------------------------------------------
+
+@app.route('/media/<name:path>', method=['GET', 'HEAD'])
+def media(name):
+    def run():
+        check_token(Params() if not request.query_string else query_params())
+        if not models.MEDIA_NAME_RE.match(name):
+            raise ApiError(404, '文件不存在')
+        path = os.path.join(models.media_dir(), name)
+        if not os.path.isfile(path):
+            raise ApiError(404, '文件不存在')
+        return bottle.static_file(name, root=models.media_dir())
+    try:
+        check_address()
+        return run()
+    except ApiError as error:
+        return answer(envelope(error.code, error.msg), 404 if error.code == 404 else 200)
+
+
+def query_params():
+    params = Params()
+    parse_urlencoded(request.environ.get('QUERY_STRING', '').encode('latin-1', 'replace'), params)
+    return params
+
+
+@app.route('/healthz', method=['GET', 'HEAD'])
+def healthz():
+    def run():
+        try:
+            models.db.execute_sql('SELECT 1').fetchone()
+            state = 'ok'
+        except peewee.DatabaseError as error:
+            state = str(error)
+        data = {'version': __version__, 'db': state}
+        return envelope(200, 'ok', data) if state == 'ok' else envelope(503, '数据库不可用', data)
+    return guarded(run)
+
+
+@app.route('/<path:path>', method='ANY')
+@app.route('/', method='ANY')
+def any_path(path=''):
+    return phone_api(path)
+
+
+# --------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------
+
+def lan_address():
+    """The address phones on the LAN would use to reach this machine (best guess)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(('192.168.255.255', 9))  # no packet is sent; it picks a route
+        return probe.getsockname()[0]
+    except OSError:
+        return '127.0.0.1'
+    finally:
+        probe.close()
+
+
+def make_server(host, port, threads=64, timeout=60):
+    """A cheroot server for the app, tuned for a few hundred phones on Wi-Fi."""
+    from cheroot import wsgi
+    server = wsgi.Server((host, port), app, numthreads=threads, timeout=timeout,
+                         request_queue_size=1024, server_name='xhs-server')
+    server.max_request_body_size = 0  # the app enforces the limit and answers with the envelope
+    return server
+
+
+def serve(server, on_ready=None):
+    """Run until Ctrl-C or SIGTERM; then stop accepting, finish, and close."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    server.prepare()
+    if on_ready:
+        on_ready(server.bind_addr)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+        models.db.close()
+
+
+def setup_logging(stream=None):
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', '%Y-%m-%d %H:%M:%S'))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
