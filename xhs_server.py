@@ -38,8 +38,9 @@ DEFAULT_ALLOW = ('127.0.0.0/8', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16',
                  '169.254.0.0/16', '100.64.0.0/10', '::1/128', 'fc00::/7', 'fe80::/10')
 PREFIX = 'api_hurong'
 JSON_TYPE = 'application/json; charset=utf-8'
-DRAIN_LIMIT = 128 * 1024 * 1024   # an oversized body is read and dropped up to this, then cut
+DRAIN_LIMIT = 64 * 1024 * 1024   # an oversized body is read and dropped up to this, then cut
 CHUNK = 64 * 1024
+UNREAD_LIMIT = 1024 * 1024       # more unread body than this: close rather than let cheroot read it
 
 MISSING = '缺少参数: %s'
 INVALID = '参数无效: %s'
@@ -246,18 +247,17 @@ def read_body(environ, limit):
 
 
 def drain(stream, length):
-    """Read and drop an oversized body so the phone sees the answer, not a reset.
+    """Read and drop an oversized body, a chunk at a time, so the phone sees the answer.
 
-    Beyond DRAIN_LIMIT the connection is closed instead.
+    Beyond DRAIN_LIMIT nothing is read: the connection is closed instead (wsgi_app).
     """
-    remaining = min(length, DRAIN_LIMIT)
-    while remaining > 0:
-        chunk = stream.read(min(CHUNK, remaining))
+    if length > DRAIN_LIMIT:
+        return
+    while length > 0:
+        chunk = stream.read(min(CHUNK, length))
         if not chunk:
             break
-        remaining -= len(chunk)
-    if length > DRAIN_LIMIT:
-        response.set_header('Connection', 'close')
+        length -= len(chunk)
 
 
 def request_params():
@@ -1000,11 +1000,33 @@ def lan_address():
         probe.close()
 
 
+def wsgi_app(environ, start_response):
+    """The app as cheroot runs it.
+
+    cheroot reads whatever body the app left unread into memory before it
+    answers (to keep the connection alive); for a big unread body (a refused
+    upload, a stranger's request) the connection is closed instead.
+    """
+    result = app(environ, start_response)
+    request_ = environ.get('xhs.request')
+    if request_ is not None and getattr(environ['wsgi.input'], 'remaining', 0) > UNREAD_LIMIT:
+        request_.close_connection = True
+    return result
+
+
 def make_server(host, port, threads=64, timeout=60):
     """A cheroot server for the app, tuned for a few hundred phones on Wi-Fi."""
     from cheroot import wsgi
-    server = wsgi.Server((host, port), app, numthreads=threads, timeout=timeout,
+
+    class Gateway(wsgi.Gateway_10):
+        def get_environ(self):
+            environ = super().get_environ()
+            environ['xhs.request'] = self.req
+            return environ
+
+    server = wsgi.Server((host, port), wsgi_app, numthreads=threads, timeout=timeout,
                          request_queue_size=1024, server_name='xhs-server')
+    server.gateway = Gateway
     server.max_request_body_size = 0  # the app enforces the limit and answers with the envelope
     return server
 
