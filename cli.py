@@ -46,12 +46,12 @@ class Group(click.Group):
             raise click.ClickException(str(error)) from None
 
 
-def open_db(ctx):
+def open_db(ctx, busy_timeout=5.0):
     options = ctx.find_root().obj
     if db.database != os.path.abspath(options['db']) or db.is_closed():
         media = os.path.join(options['data_dir'], 'media') if options['data_dir'] else None
         try:
-            models.init_db(options['db'], media)
+            models.init_db(options['db'], media, busy_timeout)
         except (OSError, peewee.DatabaseError) as error:
             raise click.ClickException('cannot open database %s: %s' % (options['db'], error)) from None
     return db
@@ -222,15 +222,25 @@ def main(ctx, db_path, data_dir):
               help='Allowed caller network (repeatable); default loopback and private LAN ranges.')
 @click.option('--approve-new', is_flag=True, envvar='XHS_APPROVE_NEW',
               help='Refuse new phones until "phones set PHONE --approve".')
-@with_db
-def serve(host, port, threads, timeout, token, allow, approve_new):
+@click.option('--busy-timeout', default=5.0, show_default=True, type=click.FloatRange(0.1, 600),
+              help='Seconds a request waits for a busy database before answering code 503.')
+@click.option('--access-log', is_flag=True, help='Log every request (path, code, time; no parameters).')
+@click.option('--alert-webhook', metavar='URL',
+              help='Group-robot URL (WeCom, DingTalk, Feishu) for alerts; overrides the alert_webhook setting.')
+@click.option('--monitor-interval', default=15.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help='Seconds between background checks (activity history, alerts, retention).')
+@click.pass_context
+def serve(ctx, host, port, threads, timeout, token, allow, approve_new, busy_timeout, access_log,
+          alert_webhook, monitor_interval):
     """Run the phone API (cheroot) until Ctrl-C or SIGTERM.
 
     Example: xhs-server serve --port 8000
     """
     import xhs_server
+    open_db(ctx, busy_timeout)
     try:
-        xhs_server.configure(token=token, allow=list(allow) or None, approve_new=approve_new)
+        xhs_server.configure(token=token, allow=list(allow) or None, approve_new=approve_new,
+                             access_log=access_log)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint='--allow') from None
     xhs_server.setup_logging()
@@ -247,8 +257,9 @@ def serve(host, port, threads, timeout, token, allow, approve_new):
         click.echo('press Ctrl-C to stop')
         sys.stdout.flush()
 
+    import monitor
     try:
-        xhs_server.serve(server, ready)
+        xhs_server.serve(server, ready, monitor.Monitor(monitor_interval, alert_webhook))
     except OSError as error:
         raise click.ClickException('cannot listen on %s:%d: %s' % (host, port, error.strerror or error))
     click.echo('stopped')
@@ -817,7 +828,7 @@ def image_ref(ref):
         raise ValueError('image %s: %s' % (ref, error.strerror or error)) from None
     if models.image_type(data) is None:
         raise ValueError('image %s is not a PNG, JPEG, WebP or GIF file' % ref)
-    return 'media:' + models.store_image(data)
+    return 'media:' + models.store_image(data, keep=True)
 
 
 def as_list(value):

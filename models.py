@@ -55,6 +55,7 @@ SETTINGS = {
     'screenshot_retention_days': (0, 'days screenshots are kept (0: forever)'),
     'stuck_minutes': (60, 'minutes a handed-out task may stay unfinished before it is flagged'),
     'alert_webhook': ('', 'group-robot URL (WeCom, DingTalk, Feishu) that alerts are posted to'),
+    'alert_every': (30, 'minutes between two alerts of one kind about one phone'),
 }
 
 ACTIVITY_STAMP_SECONDS = 10  # last-activity writes are coalesced to one per this
@@ -86,7 +87,6 @@ def init_db(path, media_dir=None, busy_timeout=5.0):
     ))
     _state.update(media=media, path=path)
     _settings_cache.clear()
-    _stamped.clear()
     migrate()
     return db
 
@@ -248,11 +248,12 @@ class Profile(BaseModel):
 
 
 class Image(BaseModel):
-    """A stored image file, once per content hash."""
+    """A stored image file, once per content hash; `keep`: an operator's note image."""
     sha256 = CharField(unique=True)
     name = CharField(unique=True)
     mime = CharField()
     size = IntegerField()
+    keep = BooleanField(default=False)
     created_at = FloatField(default=now)
 
 
@@ -264,7 +265,8 @@ class Screenshot(BaseModel):
     created_at = FloatField(default=now)
 
     class Meta:
-        indexes = ((('phone', 'image', 'kind', 'counterpart'), True), (('created_at',), False))
+        indexes = ((('phone', 'image', 'kind', 'counterpart'), True), (('created_at',), False),
+                   (('image',), False))
 
 
 class NoteLink(BaseModel):
@@ -405,7 +407,6 @@ PHONE_COLUMNS = ('id', 'imsi', 'iccid', 'mac', 'phone_type', 'label', 'offline',
                  'approved', 'rest_day', 'rest_night', 'refresh_profile', 'xhs_id',
                  'reading_at', 'last_seen', 'account_name')
 _PHONE_SELECT = 'SELECT %s FROM phone ' % ', '.join(PHONE_COLUMNS)
-_stamped = {}  # phone id -> monotonic time of the last activity write
 
 
 def _phone_row(cursor):
@@ -445,13 +446,14 @@ def phone_for(imsi=None, iccid=None, mac=None, phone_type=None, approved=True):
     return phone
 
 
-def touch(phone_id, ip=None):
-    """Stamp a phone's last activity, at most once per ACTIVITY_STAMP_SECONDS."""
-    clock = time.monotonic()
-    if clock - _stamped.get(phone_id, -1e9) < ACTIVITY_STAMP_SECONDS:
+def touch(phone, ip=None):
+    """Stamp a phone's last activity; skipped when its row is fresher than ACTIVITY_STAMP_SECONDS,
+    so a busy phone costs one write per interval, not one per request."""
+    at = now()
+    if phone['last_seen'] is not None and at - phone['last_seen'] < ACTIVITY_STAMP_SECONDS:
         return
-    _stamped[phone_id] = clock
-    db.execute_sql('UPDATE phone SET last_seen = ?, last_ip = ? WHERE id = ?', (now(), ip, phone_id))
+    db.execute_sql('UPDATE phone SET last_seen = ?, last_ip = ? WHERE id = ?', (at, ip, phone['id']))
+    phone['last_seen'] = at
 
 
 def is_active(last_seen, at=None):
@@ -810,26 +812,65 @@ def image_type(data):
     return None
 
 
-def store_image(data):
+def store_image(data, keep=False):
     """Write the image once per content hash; returns its file name.
 
     The file is complete and on disk before any row names it, so a crash never
-    leaves a reference to a half-written file. No database lock is held here.
+    leaves a reference to a half-written file. No database lock is held while
+    writing.
     """
     mime, ext = image_type(data)
     digest = hashlib.sha256(data).hexdigest()
     name = '%s.%s' % (digest[:32], ext)
     path = os.path.join(media_dir(), name)
     if not os.path.exists(path):
-        tmp = '%s.%s.tmp' % (path, secrets.token_hex(4))
-        with open(tmp, 'wb') as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    db.execute_sql('INSERT OR IGNORE INTO image (sha256, name, mime, size, created_at) '
-                   'VALUES (?, ?, ?, ?, ?)', (digest, name, mime, len(data), now()))
+        write_file(path, data)
+    db.execute_sql('INSERT OR IGNORE INTO image (sha256, name, mime, size, keep, created_at) '
+                   'VALUES (?, ?, ?, ?, ?, ?)', (digest, name, mime, len(data), keep, now()))
+    if keep:
+        db.execute_sql('UPDATE image SET keep = 1 WHERE name = ? AND NOT keep', (name,))
+    if not os.path.exists(path):
+        write_file(path, data)  # retention removed it between our check and our row
     return name
+
+
+def write_file(path, data):
+    """Write to a temporary name, sync, then rename: the file is whole or absent."""
+    tmp = '%s.%s.tmp' % (path, secrets.token_hex(4))
+    with open(tmp, 'wb') as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def prune_screenshots(cutoff, batch=500):
+    """Delete screenshots taken before `cutoff`, and the image files nothing uses any more.
+
+    Works in short transactions of `batch` rows so phones are never blocked for
+    long; yields the number of screenshots deleted by each batch.
+    """
+    while True:
+        with db.atomic('IMMEDIATE'):
+            rows = db.execute_sql('SELECT id, image_id FROM screenshot WHERE created_at < ? LIMIT ?',
+                                  (cutoff, batch)).fetchall()
+            if not rows:
+                return
+            db.execute_sql('DELETE FROM screenshot WHERE id IN (%s)' % ','.join('?' * len(rows)),
+                           [row[0] for row in rows])
+            images = sorted({row[1] for row in rows})
+            unused = db.execute_sql(
+                'SELECT id, name FROM image WHERE id IN (%s) AND NOT keep AND NOT EXISTS '
+                '(SELECT 1 FROM screenshot s WHERE s.image_id = image.id)' % ','.join('?' * len(images)),
+                images).fetchall()
+            db.execute_sql('DELETE FROM image WHERE id IN (%s)' % ','.join('?' * len(unused)),
+                           [row[0] for row in unused])
+            for _, name in unused:
+                try:
+                    os.remove(os.path.join(media_dir(), name))
+                except FileNotFoundError:
+                    pass
+        yield len(rows)
 
 
 def add_screenshot(name, phone_id, kind, counterpart=''):

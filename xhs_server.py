@@ -47,14 +47,15 @@ INVALID = '参数无效: %s'
 NOTHING = '当前无任务'
 
 app = Bottle()
-app.config.update({'xhs.token': '', 'xhs.allow': None, 'xhs.approve_new': False})
+app.config.update({'xhs.token': '', 'xhs.allow': None, 'xhs.approve_new': False,
+                   'xhs.access_log': False})
 
 
-def configure(token=None, allow=None, approve_new=False):
+def configure(token=None, allow=None, approve_new=False, access_log=False):
     """Access rules: token (None: off), allowed networks (None: loopback and LAN), approval mode."""
     networks = [ipaddress.ip_network(net, strict=False) for net in (allow or DEFAULT_ALLOW)]
     app.config.update({'xhs.token': token or '', 'xhs.allow': networks,
-                       'xhs.approve_new': bool(approve_new)})
+                       'xhs.approve_new': bool(approve_new), 'xhs.access_log': bool(access_log)})
     _allowed_cache.clear()
 
 
@@ -370,7 +371,7 @@ def current_phone(p):
     phone = models.phone_for(imsi, iccid, mac=mac, phone_type=phone_type_value(p),
                              approved=not app.config['xhs.approve_new'])
     require_approved(phone)
-    models.touch(phone['id'], request.environ.get('REMOTE_ADDR'))
+    models.touch(phone, request.environ.get('REMOTE_ADDR'))
     return phone
 
 
@@ -512,22 +513,27 @@ def endpoint(path):
 
 def guarded(handler):
     """Run a handler; every outcome becomes the JSON envelope (HTTP 200)."""
+    started = time.perf_counter()
     try:
         check_address()
-        return answer(handler())
+        body = handler()
     except ApiError as error:
-        return answer(envelope(error.code, error.msg, error.data))
+        body = envelope(error.code, error.msg, error.data)
     except peewee.OperationalError as error:
-        if 'locked' in str(error) or 'busy' in str(error):
-            return answer(envelope(503, '服务繁忙，请稍后重试'))
-        return internal_error()
+        busy = 'locked' in str(error) or 'busy' in str(error)
+        body = envelope(503, '服务繁忙，请稍后重试') if busy else internal_error()
     except Exception:
-        return internal_error()
+        body = internal_error()
+    if app.config['xhs.access_log']:
+        # Path only: query strings carry phone numbers and tokens.
+        log.info('%s %s %s %s %.1fms', request.environ.get('REMOTE_ADDR'), request.method,
+                 request.path, body[8:body.index(b',')].decode(), (time.perf_counter() - started) * 1000)
+    return answer(body)
 
 
 def internal_error():
     log.error('request %s %s failed\n%s', request.method, request.path, traceback.format_exc())
-    return answer(envelope(500, '服务器内部错误'))
+    return envelope(500, '服务器内部错误')
 
 
 def phone_api(path):
@@ -578,7 +584,7 @@ def log_add(p):
                    p.get('imsi'), p.get('iccid'), p.get('phone_type'), remote)
     if phone:
         require_approved(phone)
-        models.touch(phone['id'], remote)
+        models.touch(phone, remote)
     return ok(msg='日志纪录成功')
 
 
@@ -1031,12 +1037,17 @@ def make_server(host, port, threads=64, timeout=60):
     return server
 
 
-def serve(server, on_ready=None):
-    """Run until Ctrl-C or SIGTERM; then stop accepting, finish, and close."""
+def serve(server, on_ready=None, watch=None):
+    """Run until Ctrl-C or SIGTERM; then stop accepting, finish, and close.
+
+    `watch`: the background Monitor (activity history, alerts, retention), if any.
+    """
     def stop(signum, frame):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, stop)
     server.prepare()
+    if watch:
+        watch.start()
     if on_ready:
         on_ready(server.bind_addr)
     try:
@@ -1045,6 +1056,8 @@ def serve(server, on_ready=None):
         pass
     finally:
         server.stop()
+        if watch:
+            watch.stop()
         signal.signal(signal.SIGTERM, previous)
         models.db.close()
 
