@@ -1218,17 +1218,46 @@ def logs_prune(before):
     """
     cutoff = parse_when(before, '--before')
     total = db.execute_sql('SELECT COUNT(*) FROM log WHERE at < ?', (cutoff,)).fetchone()[0]
-    deleted = 0
-    with click.progressbar(length=total, label='pruning logs', file=sys.stderr,
-                           hidden=total <= PROGRESS_FROM) as bar:
-        while True:
-            count = db.execute_sql('DELETE FROM log WHERE id IN (SELECT id FROM log WHERE at < ? '
-                                   'LIMIT 2000)', (cutoff,)).rowcount
-            if not count:
-                break
-            deleted += count
-            bar.update(count)
+    deleted = with_progress('pruning logs', total, models.prune_logs(cutoff))
     done('deleted %d log lines before %s' % (deleted, show_time(cutoff)))
+
+
+def with_progress(label, total, batches):
+    """Run a batched job (a generator of counts), with a progress bar when it is big."""
+    finished = 0
+    with click.progressbar(length=total, label=label, file=sys.stderr,
+                           hidden=total <= PROGRESS_FROM) as bar:
+        for count in batches:
+            finished += count
+            bar.update(count)
+    return finished
+
+
+@main.group()
+def screenshots():
+    """Screenshots the phones uploaded (DM and article screenshots)."""
+
+
+@screenshots.command('prune')
+@click.option('--before', help='Delete screenshots taken before this ("30d", "2026-11-01"); '
+                               'default: the screenshot_retention_days setting.')
+@with_db
+def screenshots_prune(before):
+    """Delete old screenshots and their files in small batches; says how many.
+
+    The server applies screenshot_retention_days by itself every hour; this runs it now.
+    Example: xhs-server screenshots prune --before 30d
+    """
+    if before:
+        cutoff = parse_when(before, '--before')
+    else:
+        days = models.settings()['screenshot_retention_days']
+        if not days:
+            raise click.UsageError('give --before, or set screenshot_retention_days')
+        cutoff = now() - days * 86400
+    total = db.execute_sql('SELECT COUNT(*) FROM screenshot WHERE created_at < ?', (cutoff,)).fetchone()[0]
+    deleted = with_progress('pruning screenshots', total, models.prune_screenshots(cutoff))
+    done('deleted %d screenshots taken before %s' % (deleted, show_time(cutoff)))
 
 
 # --------------------------------------------------------------------------

@@ -488,6 +488,16 @@ def add_log(msg, phone_id=None, macaddr=None, ip_addr=None, imsi=None, iccid=Non
     return cursor.lastrowid
 
 
+def prune_logs(cutoff, batch=2000):
+    """Delete log lines older than `cutoff` in short transactions; yields each batch's count."""
+    while True:
+        count = db.execute_sql('DELETE FROM log WHERE id IN (SELECT id FROM log WHERE at < ? LIMIT ?)',
+                               (cutoff, batch)).rowcount
+        if not count:
+            return
+        yield count
+
+
 def system_log(msg, phone_id=None):
     """A line written by the server itself, shown with the phone logs."""
     return add_log('[server] ' + msg, phone_id=phone_id)

@@ -127,13 +127,16 @@ class LiveServer:
         self.port = None
 
     def start(self, wait=20):
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # stderr goes to a file: a pipe nobody reads would block a chatty server.
+        self.stderr_path = self.db + '.stderr.%d' % time.monotonic_ns()
+        self.stderr_file = open(self.stderr_path, 'w')
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self.stderr_file,
                                      env=self.env, text=True)
         deadline = time.time() + wait
         while time.time() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError('server exited: %s' % self.proc.stderr.read())
+                raise RuntimeError('server exited: %s' % self.stderr_text())
             match = re.search(r'http://127\.0\.0\.1:(\d+)/', line)
             if match:
                 self.port = int(match.group(1))
@@ -163,6 +166,10 @@ class LiveServer:
         assert status == 200 and ctype.startswith('application/json'), (status, ctype, data[:200])
         return json.loads(data)
 
+    def stderr_text(self):
+        with open(self.stderr_path, encoding='utf-8', errors='replace') as handle:
+            return handle.read()
+
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -171,9 +178,9 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc:
+        if self.proc and not self.proc.stdout.closed:
             self.proc.stdout.close()
-            self.proc.stderr.close()
+            self.stderr_file.close()
 
 
 @pytest.fixture
