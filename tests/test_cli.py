@@ -390,7 +390,9 @@ def test_phones_add_registers_a_phone_before_its_first_request(ok_run, run, app)
     assert release_for(app, PHONE_B)['msg'] == '当前无任务'
     assert release_for(app, PHONE_A)['data']['id'] == task
     rows = json_of(run('phones', 'list', '--json'))
-    assert [(row['label'], row['active']) for row in rows] == [('A-01', True), (None, False)]
+    # B, unknown to the operator, registered itself with its first request
+    assert [(row['label'], row['imsi'], row['active']) for row in rows] == [
+        ('A-01', PHONE_A['imsi'], True), (None, PHONE_B['imsi'], True)]
 
 
 def test_phones_list_table_has_a_row_per_phone(ok_run, run):
@@ -890,7 +892,8 @@ def test_add_release_copies_a_local_image_into_media_and_the_phone_gets_its_url(
     assert len(stored_files) == 1 and stored_files[0].endswith('.jpg')
     with open(os.path.join(models.media_dir(), stored_files[0]), 'rb') as handle, open(NOTE_JPG, 'rb') as original:
         assert handle.read() == original.read()
-    images = release_for(app, PHONE_A)['data']['images']
+    got = app.ok('/xiaohongshu_biji/get_release_task', PHONE_A, headers={'Host': '192.168.1.10:8000'})
+    images = got['data']['images']
     assert images == ['%s/media/%s' % (HOST_URL, stored_files[0]), 'https://img.example/x.png']
     download = app.get(images[0][len(HOST_URL):])
     assert download.status_int == 200 and download.body == open(NOTE_JPG, 'rb').read()

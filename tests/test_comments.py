@@ -356,7 +356,9 @@ def check_add_comment(body, s, app, ok_run):
 def check_save_screenshots(body, s, app, ok_run):
     assert body['msg'] == '提交成功'
     assert body['data']['keys'] == [body['data']['key']]
-    assert re.fullmatch(re.escape(HOST) + r'/media/[0-9a-f]{32}\.png', body['data']['key'])
+    key = urllib.parse.urlparse(body['data']['key'])
+    assert re.fullmatch(r'/media/[0-9a-f]{32}\.png', key.path)
+    assert app.get(key.path).body == base64.b64decode(b64('dm.png'))
 
 
 def check_query_reply_task(body, s, app, ok_run):
