@@ -575,7 +575,7 @@ def import_file(path, noun, fields, check, key, existing, insert, strict):
     if strict and invalid:
         report(invalid, [])
         raise click.ClickException('%d bad line(s); nothing imported (--strict)' % len(invalid))
-    with db.atomic('IMMEDIATE'):
+    with db.immediate():
         stored = existing([key(item) for _, item in good])
         duplicate += [(number, 'already stored') for number, item in good if key(item) in stored]
         fresh = [item for _, item in good if key(item) not in stored]

@@ -13,11 +13,13 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
+from contextlib import contextmanager
 
 from peewee import (
     BooleanField, Check, CharField, DeferredForeignKey, FloatField, ForeignKeyField, IntegerField,
-    IntegrityError, Model, SqliteDatabase, TextField,
+    IntegrityError, Model, OperationalError, SqliteDatabase, TextField,
 )
 
 # --------------------------------------------------------------------------
@@ -60,7 +62,44 @@ SETTINGS = {
 
 ACTIVITY_STAMP_SECONDS = 10  # last-activity writes are coalesced to one per this
 
-db = SqliteDatabase(None, timeout=5)
+WRITES = ('INSERT', 'UPDATE', 'DELETE', 'REPLAC')
+
+
+class Database(SqliteDatabase):
+    """SQLite whose writing threads take turns at one in-process gate first.
+
+    SQLite's busy handler polls with growing sleeps and is not fair: with dozens
+    of threads writing, a waiting writer can starve past the busy timeout while
+    newcomers keep winning the lock. So threads of one process queue on a
+    reentrant lock (with the same timeout) before they write. Correctness never
+    depends on it: every claim is still one atomic statement or an IMMEDIATE
+    transaction, and other processes (the CLI) meet SQLite's own lock.
+    """
+    gate = threading.RLock()
+
+    def execute_sql(self, sql, params=None):
+        if sql[:6].upper() not in WRITES:
+            return super().execute_sql(sql, params)
+        with self.write_turn():
+            return super().execute_sql(sql, params)
+
+    @contextmanager
+    def write_turn(self):
+        if not self.gate.acquire(timeout=self._timeout):
+            raise OperationalError('database is locked (no write turn within the busy timeout)')
+        try:
+            yield
+        finally:
+            self.gate.release()
+
+    @contextmanager
+    def immediate(self):
+        """A write transaction that holds SQLite's write lock from its first statement."""
+        with self.write_turn(), self.atomic('IMMEDIATE'):
+            yield
+
+
+db = Database(None, timeout=5)
 _state = {'media': None, 'path': None}
 
 
@@ -99,7 +138,7 @@ def migrate():
     """Bring the schema to the current version (PRAGMA user_version)."""
     version = db.execute_sql('PRAGMA user_version').fetchone()[0]
     for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-        with db.atomic('IMMEDIATE'):
+        with db.immediate():
             step()
             db.execute_sql('PRAGMA user_version = %d' % number)
 
@@ -509,7 +548,7 @@ def system_log(msg, phone_id=None):
 
 def update_account(phone_id, phone_num, name, xhs_id, home_url, mac, platform):
     """Bind the account to this SIM; move it here if another SIM had it."""
-    with db.atomic('IMMEDIATE'):
+    with db.immediate():
         previous = db.execute_sql('SELECT id FROM phone WHERE xhs_id = ? AND id != ?',
                                   (xhs_id, phone_id)).fetchone()
         if previous:
@@ -632,7 +671,7 @@ def note_key(url):
 def complete_release(task_id, url, phone_id=None):
     """Record the published note's URL. Returns True when this call changed it."""
     key, nkey = url_key(url), note_key(url)
-    with db.atomic('IMMEDIATE'):
+    with db.immediate():
         task = get_task(task_id, RELEASE)
         if task is None:
             raise NotFound()
@@ -739,7 +778,7 @@ def add_code(number, content, code=None, sender=None, sent_at=None, source='sms'
     Returns (id, code, stored_now).
     """
     code = code or extract_code(content)
-    with db.atomic('IMMEDIATE'):
+    with db.immediate():
         row = db.execute_sql(
             'SELECT id, code FROM code WHERE number = ? AND content = ? AND sender IS ? '
             'AND received_at >= ? ORDER BY id DESC LIMIT 1',
@@ -787,7 +826,7 @@ def reserve_profiles(count, phone_id=None):
     args = {'now': now(), 'phone': phone_id, 'n': count,
             'until': now() + settings()['reservation_window'] * 60}
     mine = _OWN_PROFILE if phone_id is not None else '0'
-    with db.atomic('IMMEDIATE'):
+    with db.immediate():
         available = db.execute_sql(
             'SELECT COUNT(*) FROM profile WHERE %s OR %s' % (_FREE_PROFILE, mine), args).fetchone()[0]
         if available < count:
@@ -861,7 +900,7 @@ def prune_screenshots(cutoff, batch=500):
     long; yields the number of screenshots deleted by each batch.
     """
     while True:
-        with db.atomic('IMMEDIATE'):
+        with db.immediate():
             rows = db.execute_sql('SELECT id, image_id FROM screenshot WHERE created_at < ? LIMIT ?',
                                   (cutoff, batch)).fetchall()
             if not rows:
@@ -982,7 +1021,7 @@ DELETE_REPORTS = {
 def report_delete(comment_id, outcome):
     """Apply a phone's deletion report; True when it changed something."""
     allowed, same = DELETE_REPORTS[outcome]
-    with db.atomic('IMMEDIATE'):
+    with db.immediate():
         row = db.execute_sql('SELECT delete_state FROM comment WHERE id = ?', (comment_id,)).fetchone()
         if row is None:
             raise NotFound()
@@ -997,7 +1036,7 @@ def report_delete(comment_id, outcome):
 
 def order_delete(comment_id):
     """Operator: order a comment deleted (again, after a failure)."""
-    with db.atomic('IMMEDIATE'):
+    with db.immediate():
         comment = Comment.get_or_none(Comment.id == comment_id)
         if comment is None:
             raise NotFound()
