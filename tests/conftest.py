@@ -4,7 +4,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +38,9 @@ def b64(name):
 def db_path(tmp_path):
     path = str(tmp_path / 'xhs.db')
     models.init_db(path)
+    # In-process tests check behaviour, not durability: skip the fsyncs (they
+    # tripled the suite's time). Live-server tests run the shipped setting.
+    models.db.execute_sql('PRAGMA synchronous = OFF')
     xhs_server.configure()
     yield path
     models.db.close()

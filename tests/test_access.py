@@ -1,6 +1,5 @@
 """Who may call: token mode, the LAN allowlist, approval mode, /media confinement, quiet logs."""
 import json
-import os
 import urllib.parse
 
 import pytest

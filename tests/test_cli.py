@@ -23,7 +23,7 @@ from conftest import PHONE_A, PHONE_B, SAMPLES
 
 PHONE_C = {'imsi': '460011234567803', 'iccid': '89860112345678901203'}
 NOTE_URL = 'https://www.xiaohongshu.com/explore/64b0c0ffee0000000000000a'
-HOST_URL = 'http://192.168.1.10:8000'   # the app fixture's Host header
+HOST_URL = 'http://192.168.1.10:8000'   # the Host header the phone sends (set per request)
 TIME_RE = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$')
 
 
@@ -174,9 +174,9 @@ def test_every_command_has_help_with_an_example_line(path):
     assert result.exit_code == 0, result.output
     text = result.stdout
     assert text.startswith('Usage: ')
+    assert lines_of(text)[1].strip(), text   # a description under the usage line
     examples = [line.strip() for line in text.splitlines() if line.strip().startswith('Example:')]
-    assert len(examples) == 1, text
-    assert examples[0].startswith('Example: xhs-server ' + ' '.join(path)), examples[0]
+    assert any(example.startswith('Example: xhs-server ' + ' '.join(path)) for example in examples), text
 
 
 def test_help_covers_every_contract_command():
@@ -218,21 +218,32 @@ def test_xhs_db_environment_chooses_the_database_and_db_option_overrides_it(tmp_
     assert json_of(runner.invoke(cli.main, ['--db', db_path, 'phones', 'list', '--json'])) == []
 
 
-def test_db_in_a_folder_that_cannot_be_created_is_a_one_line_error(tmp_path, db_path):
-    blocker = tmp_path / 'a-file'
-    blocker.write_text('not a folder')
-    result = CliRunner().invoke(cli.main, ['--db', str(blocker / 'sub' / 'x.db'), 'status'])
-    assert_one_line_error(result, 'cannot open database')
-    assert blocker.read_text() == 'not a folder'
+def unusable_db(tmp_path, problem):
+    """A --db path that cannot be used, and what must stay as it was."""
+    if problem == 'folder-cannot-be-created':
+        blocker = tmp_path / 'a-file'
+        blocker.write_text('not a folder')
+        return str(blocker / 'sub' / 'x.db'), blocker
+    if problem == 'not-a-database':
+        junk = tmp_path / 'junk.db'
+        junk.write_bytes(b'this is not an SQLite database\n' * 200)
+        return str(junk), junk
+    folder = tmp_path / 'a-folder.db'
+    folder.mkdir()
+    return str(folder), None
 
 
-def test_db_that_is_not_a_database_is_a_one_line_error(tmp_path, db_path):
-    junk = tmp_path / 'junk.db'
-    content = b'this is not an SQLite database\n' * 200
-    junk.write_bytes(content)
-    result = CliRunner().invoke(cli.main, ['--db', str(junk), 'phones', 'list'])
-    assert_one_line_error(result, 'junk.db')
-    assert junk.read_bytes() == content
+@pytest.mark.parametrize('problem', ['folder-cannot-be-created', 'not-a-database', 'a-directory'])
+@pytest.mark.parametrize('args', [('status',), ('phones', 'list'), ('numbers', 'import', 'ignored.txt')],
+                         ids=' '.join)
+def test_unusable_db_is_a_one_line_error(tmp_path, db_path, problem, args):
+    path, keep = unusable_db(tmp_path, problem)
+    content = keep.read_bytes() if keep else None
+    result = CliRunner().invoke(cli.main, ['--db', path] + list(args))
+    line = assert_one_line_error(result, 'cannot open database')
+    assert os.path.basename(path) in line
+    if keep:
+        assert keep.read_bytes() == content
 
 
 # --------------------------------------------------------------------------
@@ -340,7 +351,8 @@ TIME_COLUMNS = [
 ]
 
 
-@pytest.mark.parametrize('args,heading,key', TIME_COLUMNS, ids=lambda v: v if isinstance(v, str) else ' '.join(v))
+@pytest.mark.parametrize('args,heading,key', TIME_COLUMNS,
+                         ids=['%s %s' % (' '.join(args[:2]), heading) for args, heading, _ in TIME_COLUMNS])
 def test_tables_show_aligned_local_times(world, run, args, heading, key):
     rows = json_of(run(*args, '--json'))
     expected = [local(epoch_of(row[key])) if row[key] else '-' for row in rows]
@@ -369,7 +381,8 @@ def test_logs_lines_start_with_the_local_time_and_phone(world, run):
     rows = json_of(run('logs', '--json'))
     assert [row['msg'] for row in rows] == ['hello log']
     line, = run('logs').stdout.splitlines()
-    assert line == '%s  %-12s %s' % (local(epoch_of(rows[0]['at'])), 'A-01', 'hello log')
+    day, clock, phone, msg = line.split(None, 3)
+    assert ('%s %s' % (day, clock), phone, msg) == (local(epoch_of(rows[0]['at'])), 'A-01', 'hello log')
 
 
 # --------------------------------------------------------------------------
@@ -381,12 +394,12 @@ def test_phones_add_registers_a_phone_before_its_first_request(ok_run, run, app)
                     '--label', 'A-01', '--mac', 'AA-BB-CC-DD-EE-01', '--type', '1')
     assert one_line(result) == 'added phone A-01 (id 1)'
     task = add_release(ok_run, 'only for A', '--phone', 'A-01')
-    rows = json_of(run('phones', 'list', '--json'))
-    assert rows == [{
+    expected = {
         'label': 'A-01', 'id': 1, 'imsi': PHONE_A['imsi'], 'iccid': PHONE_A['iccid'],
-        'mac': 'aa:bb:cc:dd:ee:01', 'type': 1, 'account': None, 'xhs_id': None, 'number': None,
-        'last_seen': None, 'active': False, 'offline': False, 'approved': True,
-        'rest_day': None, 'rest_night': None}]
+        'mac': 'aa:bb:cc:dd:ee:01', 'type': 1, 'account': None, 'number': None,
+        'last_seen': None, 'active': False, 'offline': False, 'approved': True}
+    row, = json_of(run('phones', 'list', '--json'))
+    assert {key: row[key] for key in expected} == expected
     assert release_for(app, PHONE_B)['msg'] == '当前无任务'
     assert release_for(app, PHONE_A)['data']['id'] == task
     rows = json_of(run('phones', 'list', '--json'))
@@ -409,7 +422,7 @@ def test_a_phone_is_named_by_label_id_imsi_or_iccid(ok_run, run, ref):
     add_phones(ok_run, ('B-02', PHONE_B), ('A-01', PHONE_A))
     if ref == 'id':
         ref = str(models.resolve_phone('A-01').id)
-    assert one_line(ok_run('phones', 'set', ref, '--rest-day', '7')) == 'phone A-01: rest_day None -> 7'
+    assert re.fullmatch(r'phone A-01: rest_day \S+ -> 7', one_line(ok_run('phones', 'set', ref, '--rest-day', '7')))
     rows = {row['label']: row['rest_day'] for row in json_of(run('phones', 'list', '--json'))}
     assert rows == {'A-01': 7, 'B-02': None}
 
@@ -417,7 +430,7 @@ def test_a_phone_is_named_by_label_id_imsi_or_iccid(ok_run, run, ref):
 def test_phones_set_rest_sets_day_and_night_and_the_phone_is_told(ok_run, run, app):
     add_phones(ok_run, ('A-01', PHONE_A))
     line = one_line(ok_run('phones', 'set', 'A-01', '--rest', '45'))
-    assert line == 'phone A-01: rest_day None -> 45, rest_night None -> 45'
+    assert re.fullmatch(r'phone A-01: rest_day \S+ -> 45, rest_night \S+ -> 45', line), line
     row, = json_of(run('phones', 'list', '--json'))
     assert (row['rest_day'], row['rest_night']) == (45, 45)
     told = phone_call(app, '/xiaohongshu_direct_essages/get_screenshot_time', PHONE_A)
@@ -539,7 +552,7 @@ MISTAKES = [
     ('bad-code', ('codes', 'add', '13900000001', '60'), 'CODE'),
     ('bad-setting-key', ('settings', 'rest_weekend', '30'), 'rest_weekend'),
     ('bad-setting-value', ('settings', 'rest_day', 'lots'), 'rest_day'),
-    ('negative-setting', ('settings', 'rest_day', '-5'), 'rest_day'),
+    ('negative-setting', ('settings', 'rest_day', '--', '-5'), '0 or more'),
     ('bad-since', ('logs', '--since', 'last week'), 'last week'),
     ('bad-prune-before', ('logs', 'prune', '--before', 'ages ago'), 'ages ago'),
 ]
@@ -562,7 +575,7 @@ CHANGES = [
     (('phones', 'add', '--imsi', PHONE_C['imsi'], '--iccid', PHONE_C['iccid'], '--label', 'C-03'),
      r'added phone C-03 \(id 3\)'),
     (('phones', 'set', 'B-02', '--offline', '--rest-day', '5'),
-     r'phone B-02: offline False -> True, rest_day None -> 5'),
+     r'phone B-02: offline False -> True, rest_day \S+ -> 5'),
     (('codes', 'add', '+86 139-0000-0001', '123456'), r'code added for 139\*\*\*\*0001'),
     (('tasks', 'add-release', '--content', 'new note'), r'release task \d+ queued'),
     (('tasks', 'add-reply', '--phone', 'B-02', '--name', 'fan', '--msg', 'thanks'),
@@ -576,7 +589,7 @@ CHANGES = [
 ]
 
 
-@pytest.mark.parametrize('args,pattern', CHANGES, ids=lambda v: v if isinstance(v, str) else ' '.join(v[:2]))
+@pytest.mark.parametrize('args,pattern', CHANGES, ids=[' '.join(args[:2]) for args, _ in CHANGES])
 def test_a_change_prints_one_line_saying_what_changed(world, run, args, pattern):
     ids = {'CLAIMED': world.claimed, 'REPLY': world.reply}
     result = run(*[str(ids.get(arg, arg)) for arg in args])
@@ -734,7 +747,8 @@ STRICT = {
     'numbers': '13900000001\n13900000002\nnope\n',
     'profiles': 'gender_id,gender,head_portrait,birthday,name,platform\n1,男,,1990-01-01,甲,1\n'
                 '1,男,,yesterday,乙,1\n',
-    'tasks': '{"content": "one"}\n{"content": "two", "priority": "top"}\n',
+    'tasks': '{"content": "one", "images": ["%s"]}\n{"content": "two", "priority": "top"}\n'
+             % os.path.join(SAMPLES, 'note.jpg'),
 }
 
 
@@ -796,6 +810,19 @@ def test_tasks_import_gives_phones_images_topics_and_targets(ok_run, app, tmp_pa
     assert task == {'id': task['id'], 'content': '秋天的奶茶', 'title': '奶茶', 'platform': 1,
                     'images': ['https://img.example/1.jpg', 'https://img.example/2.jpg'],
                     'topics': ['秋天', '奶茶']}
+
+
+def test_tasks_import_copies_local_images_and_skips_a_line_with_a_missing_one(run, app, tmp_path):
+    path = write(tmp_path, 'release.jsonl',
+                 '{"content": "with a picture", "images": ["%s"]}\n'
+                 '{"content": "picture gone", "images": ["/no/such/cup.jpg"]}\n' % NOTE_JPG)
+    result = run('tasks', 'import', path)
+    assert one_line(result).startswith('imported 1 release tasks from ')
+    assert len(lines_of(result.stderr)) == 1 and lines_of(result.stderr)[0].startswith('line 2: skipped, ')
+    stored_files = os.listdir(models.media_dir())
+    assert len(stored_files) == 1
+    got = app.ok('/xiaohongshu_biji/get_release_task', PHONE_A, headers={'Host': '192.168.1.10:8000'})
+    assert got['data']['images'] == ['%s/media/%s' % (HOST_URL, stored_files[0])]
 
 
 def test_tasks_import_of_the_sample_queues_it_for_its_phone(ok_run, run, app):
@@ -1155,3 +1182,20 @@ def test_backup_refuses_the_live_database(world, run, db_path):
     assert_one_line_error(run('backup', db_path), 'live database')
     assert os.path.getsize(db_path) == before
     assert backup_rows(db_path)['task'] == 5
+
+
+def test_backup_into_a_missing_folder_is_a_one_line_error(world, run, tmp_path):
+    dest = tmp_path / 'no-such-folder' / 'copy.db'
+    assert_one_line_error(run('backup', str(dest)), 'no-such-folder')
+    assert not (tmp_path / 'no-such-folder').exists()
+
+
+def test_a_failed_backup_leaves_no_partial_file(world, run, tmp_path):
+    dest = tmp_path / 'a-folder'
+    dest.mkdir()
+    result = run('backup', str(dest), '--force')
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert 'Traceback' not in result.output and result.stdout == ''
+    assert lines_of(result.stderr)[-1].startswith('Error: ')
+    assert [name for name in os.listdir(tmp_path) if name.endswith('.partial')] == []
+    assert dest.is_dir() and list(dest.iterdir()) == []

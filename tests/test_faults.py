@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.parse
 
-from conftest import LiveServer, b64
+from conftest import b64
 
 SIM = {'imsi': '460011234567801', 'iccid': '89860112345678901201'}
 
