@@ -36,11 +36,14 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except peewee.OperationalError as error:
+        except click.UsageError as error:
+            # One line, not click's usage block: the operator reads the error, not a manual.
+            raise click.ClickException(error.format_message()) from None
+        except (peewee.OperationalError, sqlite3.OperationalError) as error:
             if 'locked' in str(error) or 'busy' in str(error):
                 raise click.ClickException('the database stayed busy; try again') from None
             raise click.ClickException('database error: %s' % error) from None
-        except peewee.DatabaseError as error:
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as error:
             raise click.ClickException('database error: %s' % error) from None
         except OSError as error:
             raise click.ClickException(str(error)) from None
@@ -100,8 +103,13 @@ def width(text):
     return sum(2 if unicodedata.east_asian_width(ch) in 'WF' else 1 for ch in text)
 
 
+def one_line(text):
+    return ' '.join(str(text).split())
+
+
 def clip(text, limit=40):
-    text = ' '.join(str(text).split())
+    """Free text shortened for a table cell (URLs and ids are never clipped)."""
+    text = one_line('' if text is None else text)
     if width(text) <= limit:
         return text
     out = ''
@@ -126,7 +134,7 @@ def emit(rows, columns, as_json):
         return
     table = [[heading for heading, _, _ in columns]]
     for row in rows:
-        table.append([clip(fmt(row[key]) if fmt else ('' if row[key] is None else row[key]))
+        table.append([one_line(fmt(row[key]) if fmt else ('' if row[key] is None else row[key]))
                       for _, key, fmt in columns])
     widths = [max(width(str(line[i])) for line in table) for i in range(len(columns))]
     for line in table:
@@ -372,7 +380,10 @@ def status(as_json, watch, interval):
 
 @main.group()
 def phones():
-    """The phones (SIMs) that call the server."""
+    """The phones (SIMs) that call the server.
+
+    Example: xhs-server phones list
+    """
 
 
 def sim_option(name):
@@ -548,11 +559,13 @@ def records(text, fields):
         yield start, dict(zip(header, cells))
 
 
-def import_file(path, noun, fields, check, key, existing, insert, strict):
+def import_file(path, noun, fields, check, key, existing, insert, strict, prepare=None):
     """Import the good lines of a file in one transaction; report every skipped line.
 
     check(record) -> item or ValueError(reason); key(item) for duplicates;
-    existing(keys) -> keys already stored; insert(items).
+    existing(keys) -> keys already stored; insert(items); prepare(item), if
+    given, runs on each good item before the transaction (file copies belong
+    outside it, so phones are not kept waiting).
     """
     rows = list(records(read_text(path), fields))
     good, invalid, duplicate = [], [], []
@@ -575,6 +588,8 @@ def import_file(path, noun, fields, check, key, existing, insert, strict):
     if strict and invalid:
         report(invalid, [])
         raise click.ClickException('%d bad line(s); nothing imported (--strict)' % len(invalid))
+    if prepare:
+        good = [(number, prepare(item)) for number, item in good]
     with db.immediate():
         stored = existing([key(item) for _, item in good])
         duplicate += [(number, 'already stored') for number, item in good if key(item) in stored]
@@ -614,7 +629,10 @@ def insert_rows(model, items):
 
 @main.group()
 def numbers():
-    """The pool of phone numbers handed to SIMs by get_phone_number."""
+    """The pool of phone numbers handed to SIMs by get_phone_number.
+
+    Example: xhs-server numbers import numbers.txt
+    """
 
 
 def check_number(record):
@@ -672,7 +690,10 @@ def numbers_list(which, as_json):
 
 @main.group()
 def codes():
-    """Verification codes: received SMS and codes typed in by the operator."""
+    """Verification codes: received SMS and codes typed in by the operator.
+
+    Example: xhs-server codes list
+    """
 
 
 @codes.command('add')
@@ -722,7 +743,7 @@ def codes_list(number, limit, reveal, as_json):
         rows = [json_times(row, 'received_at') for row in rows]
     emit(rows, [('RECEIVED', 'received_at', show_time), ('NUMBER', 'number', None),
                 ('CODE', 'code', None), ('FROM', 'sender', None), ('SOURCE', 'source', None),
-                ('SMS', 'sms', None)], as_json)
+                ('SMS', 'sms', clip)], as_json)
 
 
 # --------------------------------------------------------------------------
@@ -759,7 +780,10 @@ def check_profile(record):
 
 @main.group()
 def profiles():
-    """Queued new-account profiles, handed out by get_xhs_unregistered_information."""
+    """Queued new-account profiles, handed out by get_xhs_unregistered_information.
+
+    Example: xhs-server profiles import profiles.csv
+    """
 
 
 @profiles.command('import')
@@ -770,6 +794,7 @@ def profiles_import(file, strict):
     """Import profiles from CSV (header: gender_id,gender,head_portrait,birthday,name,platform) or JSON lines.
 
     A name already queued counts as a duplicate.
+
     Example: xhs-server profiles import profiles.csv
     """
     import_file(file, 'profiles', PROFILE_FIELDS, check_profile, lambda item: item['name'],
@@ -814,21 +839,36 @@ RELEASE_FIELDS = ('content', 'title', 'images', 'topics', 'platform', 'phone', '
 
 @main.group()
 def tasks():
-    """Release (publish) tasks and DM replies for the phones."""
+    """Release (publish) tasks and DM replies for the phones.
+
+    Example: xhs-server tasks list --status claimed
+    """
 
 
 def image_ref(ref):
-    """A stored copy of a local image ("media:<name>"), or an http(s) URL as given."""
+    """An http(s) URL as given, or the absolute path of a readable local image (checked, not yet stored)."""
     if re.match(r'^https?://\S+$', ref):
         return ref
     try:
         with open(ref, 'rb') as handle:
-            data = handle.read()
+            head = handle.read(16)
     except OSError as error:
         raise ValueError('image %s: %s' % (ref, error.strerror or error)) from None
-    if models.image_type(data) is None:
+    if models.image_type(head) is None:
         raise ValueError('image %s is not a PNG, JPEG, WebP or GIF file' % ref)
-    return 'media:' + models.store_image(data, keep=True)
+    return os.path.abspath(ref)
+
+
+def store_images(item):
+    """Copy a task's local images into the media folder ("media:<name>"); URLs stay."""
+    refs = json.loads(item['images'] or '[]')
+    stored = []
+    for ref in refs:
+        if ref.startswith('/'):
+            with open(ref, 'rb') as handle:
+                ref = 'media:' + models.store_image(handle.read(), keep=True)
+        stored.append(ref)
+    return dict(item, images=json.dumps(stored) if stored else None)
 
 
 def as_list(value):
@@ -928,7 +968,7 @@ def tasks_add_release(content, title, images, topics, platform, phone, account, 
                              'account': account, 'at': at, 'priority': str(priority)})
     except ValueError as error:
         raise click.ClickException(str(error)) from None
-    task_id = Task.insert(item).execute()
+    task_id = Task.insert(store_images(item)).execute()
     done('release task %d queued%s' % (task_id, ' for %s' % (phone or account) if phone or account else ''))
 
 
@@ -941,10 +981,11 @@ def tasks_import(file, strict):
 
     In CSV, images and topics are separated by "|". A task identical to one
     already queued is a duplicate.
+
     Example: xhs-server tasks import release.jsonl
     """
     import_file(file, 'release tasks', RELEASE_FIELDS + ('account',), release_item, release_key,
-                stored_release_keys, lambda items: insert_rows(Task, items), strict)
+                stored_release_keys, lambda items: insert_rows(Task, items), strict, store_images)
 
 
 @tasks.command('add-reply')
@@ -1013,7 +1054,7 @@ def tasks_list(kind, status_, phone, limit, as_json):
         rows = [json_times(row, 'run_at', 'claimed_at', 'done_at') for row in rows]
     emit(rows, [('ID', 'id', None), ('KIND', 'kind', None), ('STATUS', 'status', None),
                 ('PHONE', 'phone', None), ('FOR', 'target', None), ('CLAIMED', 'claimed_at', show_time),
-                ('DONE', 'done_at', show_time), ('URL', 'result_url', None), ('CONTENT', 'content', None)],
+                ('DONE', 'done_at', show_time), ('URL', 'result_url', None), ('CONTENT', 'content', clip)],
          as_json)
 
 
@@ -1055,7 +1096,10 @@ def tasks_cancel(task_id):
 
 @main.group()
 def comments():
-    """Comments the phones reported under the accounts' notes, and their moderation."""
+    """Comments the phones reported under the accounts' notes, and their moderation.
+
+    Example: xhs-server comments list --status failed
+    """
 
 
 def comment_rows(state, phone, limit):
@@ -1103,7 +1147,7 @@ def comments_list(state, phone, limit, as_json):
     if as_json:
         rows = [json_times(row, 'created_at') for row in rows]
     emit(rows, [('ID', 'id', None), ('PHONE', 'phone', None), ('BY', 'nick_name', None),
-                ('COMMENT', 'content', None), ('NOTE', 'note_id', None), ('REPLY', 'reply', None),
+                ('COMMENT', 'content', clip), ('NOTE', 'note_id', None), ('REPLY', 'reply', None),
                 ('DELETE', 'delete', None), ('SCREENSHOT', 'screenshot', None)], as_json)
 
 
@@ -1235,7 +1279,10 @@ def with_progress(label, total, batches):
 
 @main.group()
 def screenshots():
-    """Screenshots the phones uploaded (DM and article screenshots)."""
+    """Screenshots the phones uploaded (DM and article screenshots).
+
+    Example: xhs-server screenshots prune --before 30d
+    """
 
 
 @screenshots.command('prune')
@@ -1246,6 +1293,7 @@ def screenshots_prune(before):
     """Delete old screenshots and their files in small batches; says how many.
 
     The server applies screenshot_retention_days by itself every hour; this runs it now.
+
     Example: xhs-server screenshots prune --before 30d
     """
     if before:
@@ -1315,6 +1363,19 @@ def audit_cmd(since, limit, as_json):
                 ('COMMAND', 'command', None)], as_json)
 
 
+def copy_database(path):
+    """SQLite's online backup of the live database into `path`; returns its integrity check."""
+    target = sqlite3.connect(path)
+    try:
+        with click.progressbar(length=100, label='backing up', file=sys.stderr) as bar:
+            def progress(status, remaining, total):
+                bar.update(int(100 * (total - remaining) / max(total, 1)) - bar.pos)
+            db.connection().backup(target, pages=1024, progress=progress)
+        return target.execute('PRAGMA integrity_check').fetchone()[0]
+    finally:
+        target.close()
+
+
 @main.command()
 @click.argument('dest')
 @click.option('--force', is_flag=True, help='Overwrite DEST if it exists.')
@@ -1323,6 +1384,7 @@ def backup(dest, force):
     """Copy the database consistently while the server runs (SQLite online backup).
 
     The media folder (stored images) is plain files: copy it with rsync or cp.
+
     Example: xhs-server backup /mnt/backup/xhs-2026-12-03.db
     """
     dest = os.path.abspath(dest)
@@ -1330,21 +1392,17 @@ def backup(dest, force):
         raise click.BadParameter('that is the live database', param_hint='DEST')
     if os.path.exists(dest) and not force:
         raise click.ClickException('%s exists; use --force to overwrite it' % dest)
+    if not os.path.isdir(os.path.dirname(dest)):
+        raise click.ClickException('no folder %s' % os.path.dirname(dest))
     tmp = dest + '.partial'
-    source = db.connection()
-    target = sqlite3.connect(tmp)
     try:
-        with click.progressbar(length=100, label='backing up', file=sys.stderr) as bar:
-            def progress(status, remaining, total):
-                bar.update(int(100 * (total - remaining) / max(total, 1)) - bar.pos)
-            source.backup(target, pages=1024, progress=progress)
-        check = target.execute('PRAGMA integrity_check').fetchone()[0]
+        check = copy_database(tmp)
+        if check != 'ok':
+            raise click.ClickException('the copy failed its integrity check: %s' % check)
+        os.replace(tmp, dest)
     finally:
-        target.close()
-    if check != 'ok':
-        os.remove(tmp)
-        raise click.ClickException('the copy failed its integrity check: %s' % check)
-    os.replace(tmp, dest)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     click.echo('backed up %s to %s (%d bytes)' % (db.database, dest, os.path.getsize(dest)))
 
 

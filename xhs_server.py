@@ -81,8 +81,11 @@ def ok(data=None, msg='', note=None):
     return envelope(200, msg, data, note)
 
 
+_NOTHING = {msg: ok({}, msg) for msg in (NOTHING, '无任务')}
+
+
 def nothing(msg=NOTHING):
-    return ok({}, msg)
+    return _NOTHING[msg]
 
 
 def answer(body, status=200):
@@ -277,7 +280,6 @@ def request_params():
 # Validation helpers
 # --------------------------------------------------------------------------
 
-SIM_RE = re.compile(r'[0-9A-Za-z]{5,32}')
 PLACEHOLDERS = {'null', 'none', 'undefined', 'unknown', 'nil'}
 MAC_PLACEHOLDER = '02:00:00:00:00:00'
 
@@ -290,10 +292,12 @@ def need(p, name):
 
 
 def sim_value(value):
-    """A usable IMSI/ICCID, or None for placeholders and malformed values."""
-    if value is None or value.lower() in PLACEHOLDERS or not SIM_RE.fullmatch(value):
+    """A usable IMSI/ICCID (5 to 32 ASCII letters or digits, not a placeholder), else None."""
+    if value is None or not (5 <= len(value) <= 32 and value.isascii() and value.isalnum()):
         return None
-    return None if set(value) == {'0'} else value
+    if value.lower() in PLACEHOLDERS or not value.strip('0'):
+        return None
+    return value
 
 
 def need_sim(p):
@@ -827,7 +831,8 @@ def query_reply_task(p):
         return nothing('无任务')
     row = models.comment_reply_task(task['id'])
     keys = ('id', 'comment_type', 'comments_content', 'nick_name', 'article_picture_address',
-            'screenshots_address', 'platform', 'comment_response', 'create_datetime')
+            'screenshots_address', 'platform', 'comment_response', 'create_datetime', 'comment_id',
+            'comments_status')
     data = dict(zip(keys, row))
     data['create_datetime'] = models.fmt_time(data['create_datetime'])
     return ok(data, '查询成功')
