@@ -1406,5 +1406,12 @@ def backup(dest, force):
     click.echo('backed up %s to %s (%d bytes)' % (db.database, dest, os.path.getsize(dest)))
 
 
+def add_simulator():
+    from simulate import simulate
+    main.add_command(simulate)
+
+
+add_simulator()
+
 if __name__ == '__main__':
     main()

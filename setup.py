@@ -7,7 +7,7 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.11',
-    py_modules=['xhs_server', 'models', 'cli', 'monitor'],
+    py_modules=['xhs_server', 'models', 'cli', 'monitor', 'simulate'],
     install_requires=[
         'bottle>=0.13,<0.14',
         'peewee>=4.5.2,<5',
