@@ -753,9 +753,14 @@ def normalize_number(text):
     return digits if re.fullmatch(r'\d{5,15}', digits) else None
 
 
-_BIND_SQL = '''UPDATE number SET phone_id = :phone, bound_at = :now WHERE id = (
-    SELECT id FROM number WHERE phone_id IS NULL AND (iccid = :iccid OR iccid IS NULL)
-    ORDER BY iccid IS NULL, id LIMIT 1) AND phone_id IS NULL RETURNING number'''
+# A number pre-assigned to this SIM's ICCID, else the oldest free unassigned one;
+# each branch reads the partial index number_free in order.
+_BIND_SQL = '''UPDATE number SET phone_id = :phone, bound_at = :now WHERE id = COALESCE(
+    (SELECT id FROM number INDEXED BY number_free WHERE phone_id IS NULL AND iccid = :iccid
+     ORDER BY id LIMIT 1),
+    (SELECT id FROM number INDEXED BY number_free WHERE phone_id IS NULL AND iccid IS NULL
+     ORDER BY id LIMIT 1))
+    AND phone_id IS NULL RETURNING number'''
 
 
 def number_for(phone_id, iccid):
