@@ -1772,3 +1772,19 @@ def test_approval_mode_does_not_hand_tasks_to_unapproved_phone(app, ok_run):
     task = add_release(ok_run, '笔记')
     assert app.call(RELEASE, PHONE_A)['code'] == 403
     assert task_rows(ok_run)[task]['status'] == 'pending'
+
+
+@pytest.mark.parametrize('text', [
+    '长日志🙂 ' * 800,                       # thousands of escapes, all valid
+    '100% 完成 %zz =x= ' * 400,              # invalid escapes and literal '=' in a big value
+    '=\n%0A ' * 1000,                        # what quoted-printable would read as soft breaks
+])
+def test_big_form_values_decode_exactly(app, ok_run, text):
+    # '%' and '=' go unescaped, as a sloppy client sends them; the reference is urllib.
+    body = ('log_msg=' + urllib.parse.quote(text, safe='=%') + '&imsi=%s&iccid=%s' % (
+        PHONE_A['imsi'], PHONE_A['iccid'])).encode()
+    assert len(body) > 4096
+    res = app.post('/xhs_phone_log/add', body, content_type='application/x-www-form-urlencoded')
+    assert json.loads(res.body)['code'] == 200
+    stored = json.loads(ok_run('logs', '--json').stdout)[-1]['msg']
+    assert stored == urllib.parse.unquote_plus(body.split(b'&')[0][8:].decode()).strip()
