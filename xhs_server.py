@@ -1041,7 +1041,24 @@ def make_server(host, port, threads=64, timeout=60):
                          request_queue_size=1024, server_name='xhs-server')
     server.gateway = Gateway
     server.max_request_body_size = 0  # the app enforces the limit and answers with the envelope
+    # cheroot keeps only 10 idle keep-alive connections by default and closes the
+    # rest; a phone's OkHttp then resends its next POST on a dead connection.
+    server.keep_alive_conn_limit = 4096
     return server
+
+
+def limit_malloc_arenas(arenas=2):
+    """Keep glibc from giving each of dozens of threads its own memory pool.
+
+    Every worker that decodes a 4 MB upload would otherwise keep its freed
+    buffers in a pool of its own (RSS near 100 MB after a thousand uploads;
+    under 70 MB with two pools). Elsewhere than glibc this does nothing.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').mallopt(-8, arenas)   # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def serve(server, on_ready=None, watch=None):
@@ -1052,6 +1069,7 @@ def serve(server, on_ready=None, watch=None):
     def stop(signum, frame):
         raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, stop)
+    limit_malloc_arenas()
     server.prepare()
     if watch:
         watch.start()

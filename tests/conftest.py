@@ -37,10 +37,9 @@ def b64(name):
 @pytest.fixture
 def db_path(tmp_path):
     path = str(tmp_path / 'xhs.db')
-    models.init_db(path)
-    # In-process tests check behaviour, not durability: skip the fsyncs (they
-    # tripled the suite's time). Live-server tests run the shipped setting.
-    models.db.execute_sql('PRAGMA synchronous = OFF')
+    # In-process tests check behaviour, not durability: no fsyncs (they tripled
+    # the suite's time). Live-server tests run the shipped setting.
+    models.init_db(path, synchronous='off')
     xhs_server.configure()
     yield path
     models.db.close()
