@@ -424,14 +424,16 @@ def decode_image(value, field='img_base64_data'):
         raw = _DATA_PREFIX.sub(b'', raw, count=1)
     if any(char in raw for char in (b'-', b'_', b' ', b'\n', b'\r', b'\t', b'\x0b', b'\x0c')):
         raw = raw.translate(_STANDARD, _BREAKS)
-    raw = raw.rstrip(b'=')
+    if len(raw) % 4:   # padding missing (or wrong): restore it; a padded body is used as is
+        raw = raw.rstrip(b'=')
+        if len(raw) % 4 == 1:
+            raise ApiError(301, INVALID % field)
+        raw += b'=' * (-len(raw) % 4)
     limit = models.settings()['max_image_mb'] * 1024 * 1024
-    if len(raw) * 3 // 4 > limit:
+    if len(raw) * 3 // 4 > limit + 2:
         raise ApiError(413, '图片过大')
-    if len(raw) % 4 == 1:
-        raise ApiError(301, INVALID % field)
     try:
-        data = binascii.a2b_base64(raw + b'=' * (-len(raw) % 4), strict_mode=True)
+        data = binascii.a2b_base64(raw, strict_mode=True)
     except binascii.Error:
         raise ApiError(301, INVALID % field) from None
     if models.image_type(data) is None:
