@@ -270,6 +270,7 @@ def serve(ctx, host, port, threads, timeout, token, allow, approve_new, busy_tim
         xhs_server.serve(server, ready, monitor.Monitor(monitor_interval, alert_webhook))
     except OSError as error:
         raise click.ClickException('cannot listen on %s:%d: %s' % (host, port, error.strerror or error))
+    db.close()
     click.echo('stopped')
 
 

@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 import urllib.parse
+from contextlib import contextmanager
 
 import bottle
 import peewee
@@ -383,6 +384,23 @@ def optional_phone(p):
     return None
 
 
+def next_task(p, kind):
+    """The calling phone's next task of this kind; none for a phone set offline."""
+    phone = current_phone(p)
+    return None if phone['offline'] else models.claim_next(kind, phone['id'], phone['xhs_id'])
+
+
+@contextmanager
+def refusals(missing='任务不存在'):
+    """The model's NotFound and Conflict, as the contract's 301 answers."""
+    try:
+        yield
+    except NotFound:
+        raise ApiError(301, missing) from None
+    except Conflict:
+        raise ApiError(301, '状态冲突') from None
+
+
 def require_approved(phone):
     if not phone['approved']:
         raise ApiError(403, '禁止访问: 手机待批准')
@@ -641,8 +659,7 @@ def check_updated_today(p):
 
 @api('xiaohongshu_biji', 'get_release_task')
 def get_release_task(p):
-    phone = current_phone(p)
-    task = None if phone['offline'] else models.claim_next(models.RELEASE, phone['id'], phone['xhs_id'])
+    task = next_task(p, models.RELEASE)
     if task is None:
         return nothing()
     data = {'id': task['id'], 'content': task['content'], 'platform': task['platform']}
@@ -666,12 +683,8 @@ def upload_url(p):
     if not re.match(r'^https?://[^/\s?#]+', url, re.I):
         raise ApiError(301, INVALID % 'url')
     phone = optional_phone(p)
-    try:
+    with refusals():
         models.complete_release(task_id, url, phone and phone['id'])
-    except NotFound:
-        raise ApiError(301, '任务不存在') from None
-    except Conflict:
-        raise ApiError(301, '状态冲突') from None
     return ok(msg='提交成功')
 
 
@@ -691,8 +704,7 @@ def save_dm_screenshot(p):
 
 @api('xiaohongshu_direct_essages', 'get_reply')
 def get_reply(p):
-    phone = current_phone(p)
-    task = None if phone['offline'] else models.claim_next(models.REPLY, phone['id'])
+    task = next_task(p, models.REPLY)
     if task is None:
         return nothing()
     return ok({'id': task['id'], 'name': task['name'], 'msg': task['content'],
@@ -701,10 +713,8 @@ def get_reply(p):
 
 @api('xiaohongshu_direct_essages', 'reply_save')
 def reply_save(p):
-    try:
+    with refusals():
         models.complete_task(task_id_value(p), models.REPLY)
-    except NotFound:
-        raise ApiError(301, '任务不存在') from None
     return ok(msg='操作完成')
 
 
@@ -829,8 +839,7 @@ def add_comment(p):
 def query_reply_task(p):
     if p.get('task_type') == 'delete':
         return query_delete_task(p)
-    phone = current_phone(p)
-    task = None if phone['offline'] else models.claim_next(models.COMMENT_REPLY, phone['id'])
+    task = next_task(p, models.COMMENT_REPLY)
     if task is None:
         return nothing('无任务')
     row = models.comment_reply_task(task['id'])
@@ -852,10 +861,8 @@ def reply_comment_is_success(p):
         done_at = parse_time(p.get('comment_completion_time'))
         if done_at is None:
             raise ApiError(301, INVALID % 'comment_completion_time')
-    try:
+    with refusals():
         models.complete_task(task_id, models.COMMENT_REPLY, done_at)
-    except NotFound:
-        raise ApiError(301, '任务不存在') from None
     return ok(msg='成功')
 
 
@@ -872,12 +879,8 @@ def query_delete_task(p):
 
 
 def delete_report(p, outcome, msg):
-    try:
+    with refusals('评论不存在'):
         models.report_delete(task_id_value(p, 'comment_id'), outcome)
-    except NotFound:
-        raise ApiError(301, '评论不存在') from None
-    except Conflict:
-        raise ApiError(301, '状态冲突') from None
     return ok(msg=msg)
 
 
@@ -894,10 +897,8 @@ def comment_post_exception_instead(p):
 @comment_api('associate_notes', 'associated_screenshots')
 def associate_notes(p):
     url, shot = need(p, 'notes_url'), need(p, 'screenshots')
-    try:
+    with refusals('笔记不存在'):
         note, created = models.link_note(url, shot)
-    except NotFound:
-        raise ApiError(301, '笔记不存在') from None
     return ok({'biji_id': note}, '关联成功' if created else '重复关联')
 
 
@@ -1086,7 +1087,6 @@ def serve(server, on_ready=None, watch=None):
         if watch:
             watch.stop()
         signal.signal(signal.SIGTERM, previous)
-        models.db.close()
 
 
 def setup_logging(stream=None):

@@ -7,7 +7,6 @@ must before it can parse an upload. run.py starts it as
 """
 import argparse
 import os
-import signal
 import sys
 
 import bottle
@@ -50,17 +49,8 @@ def main():
     server = xhs_server.make_server(args.host, args.port)
     server.wsgi_app = app
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
-    server.prepare()
-    print('ceiling serving http://%s:%d/' % server.bind_addr[:2], flush=True)
-    try:
-        server.serve()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    xhs_server.serve(server, lambda bind_addr: print('ceiling serving http://%s:%d/' % bind_addr[:2],
+                                                       flush=True))
 
 
 if __name__ == '__main__':
