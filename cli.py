@@ -219,8 +219,10 @@ def main(ctx, db_path, data_dir):
               help='Address to listen on. 0.0.0.0 serves every interface, so phones on the LAN '
                    'can reach it; 127.0.0.1 keeps it to this machine.')
 @click.option('--port', default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option('--threads', default=64, show_default=True, type=click.IntRange(2, 1000),
-              help='Worker threads (idle keep-alive connections do not use one).')
+@click.option('--threads', default=24, show_default=True, type=click.IntRange(2, 1000),
+              help='Worker threads: each busy request (a slow upload included) holds one; idle '
+                   'keep-alive connections hold none. More threads than needed only fight over '
+                   'Python\'s lock.')
 @click.option('--timeout', default=60, show_default=True, type=click.IntRange(5, 3600),
               help='Seconds a phone may stay silent mid-request (slow uploads on Wi-Fi).')
 @click.option('--token', envvar='XHS_TOKEN', default=None,

@@ -1030,7 +1030,7 @@ def wsgi_app(environ, start_response):
     return result
 
 
-def make_server(host, port, threads=64, timeout=60):
+def make_server(host, port, threads=24, timeout=60):
     """A cheroot server for the app, tuned for a few hundred phones on Wi-Fi."""
     from cheroot import wsgi
 
