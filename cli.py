@@ -849,16 +849,18 @@ def tasks():
 
 
 def image_ref(ref):
-    """An http(s) URL as given, or the absolute path of a readable local image (checked, not yet stored)."""
+    """An http(s) URL as given, or the absolute path of a whole local image (checked, not yet stored)."""
     if re.match(r'^https?://\S+$', ref):
         return ref
     try:
         with open(ref, 'rb') as handle:
-            head = handle.read(16)
+            data = handle.read()
     except OSError as error:
         raise ValueError('image %s: %s' % (ref, error.strerror or error)) from None
-    if models.image_type(head) is None:
+    if models.image_type(data) is None:
         raise ValueError('image %s is not a PNG, JPEG, WebP or GIF file' % ref)
+    if not models.image_complete(data):
+        raise ValueError('image %s is cut off (its end is missing)' % ref)
     return os.path.abspath(ref)
 
 

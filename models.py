@@ -955,6 +955,20 @@ def image_type(data):
     return None
 
 
+def image_complete(data):
+    """Whether the image ends as its format requires (a cut-off upload does not)."""
+    kind = image_type(data)
+    if kind is None:
+        return False
+    ext = kind[1]
+    if ext == 'png':
+        return data.endswith(b'IEND\xaeB`\x82')
+    if ext == 'webp':
+        return int.from_bytes(data[4:8], 'little') + 8 <= len(data)
+    end = data.rstrip(b'\x00')   # some encoders pad after the end marker
+    return end.endswith(b'\xff\xd9') if ext == 'jpg' else end.endswith(b';')
+
+
 def store_image(data, keep=False):
     """Write the image once per content hash; returns its file name.
 

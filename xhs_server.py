@@ -109,14 +109,16 @@ class Params:
         self.values = {}
         self.json = None
 
-    def add(self, name, value):
+    def add(self, name, value, from_json=False):
         if value is None:
             return
         if isinstance(value, list):
             for item in value:
-                self.add(name, item)
+                self.add(name, item, from_json)
             return
         text = json_text(value).strip()
+        if from_json:
+            text = valid_unicode(text)
         if text:
             self.values.setdefault(name, []).append(text)
 
@@ -134,6 +136,15 @@ class Params:
 
     def __contains__(self, name):
         return name in self.values
+
+
+def valid_unicode(text):
+    """JSON's \\ud800 escapes can make lone surrogates, which no database takes: U+FFFD."""
+    try:
+        text.encode('utf-8')
+        return text
+    except UnicodeEncodeError:
+        return text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
 
 
 def json_text(value):
@@ -214,12 +225,12 @@ def parse_body(body, content_type):
     if body.lstrip()[:1] in (b'{', b'"'):
         try:
             params.json = parse_json(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             if 'json' in ctype:
                 raise ApiError(301, '请求格式无效: JSON') from None
         if params.json is not None:
             for name, value in params.json.items():
-                params.add(name, value)
+                params.add(name, value, from_json=True)
             return params
     if b'=' in body:
         parse_urlencoded(body, params)
@@ -227,25 +238,53 @@ def parse_body(body, content_type):
 
 
 def read_body(environ, limit):
-    """The request body, refusing (413) past `limit` without holding it in memory."""
+    """The request body, refusing (413) past `limit` without holding it in memory.
+
+    A body shorter than its Content-Length, or broken chunking, is refused
+    whole (and the connection closed): a cut-off URL or log line must not be
+    stored as if it were the phone's.
+    """
     stream = environ['wsgi.input']
-    length = environ.get('CONTENT_LENGTH') or ''
-    if length.strip():
-        try:
-            length = int(length)
-        except ValueError:
-            raise ApiError(301, '请求格式无效: Content-Length') from None
+    length = (environ.get('CONTENT_LENGTH') or '').strip()
+    chunked = 'chunked' in environ.get('HTTP_TRANSFER_ENCODING', '').lower()
+    if length and not chunked:
+        if not length.isdigit():
+            raise ApiError(301, '请求格式无效: Content-Length')
+        length = int(length)
         if length > limit:
             drain(stream, length)
             raise ApiError(413, '请求体过大')
-        return stream.read(length) if length > 0 else b''
-    if 'chunked' not in environ.get('HTTP_TRANSFER_ENCODING', '').lower():
+        body = read_stream(stream, length)
+        if len(body) < length:
+            raise broken_body()
+        return body
+    if not chunked:
         return b''
-    body = stream.read(limit + 1)
+    body = read_stream(stream, limit + 1)
     if len(body) > limit:
         drain(stream, DRAIN_LIMIT)
         raise ApiError(413, '请求体过大')
     return body
+
+
+def read_stream(stream, size):
+    try:
+        return stream.read(size) if size > 0 else b''
+    # A stalled phone (socket timeout), or chunk sizes that are garbage or absurd.
+    except (OSError, ValueError, OverflowError, MemoryError):
+        raise broken_body() from None
+
+
+def broken_body():
+    close_connection()
+    return ApiError(301, '请求格式无效: 请求体不完整')
+
+
+def close_connection():
+    """Have cheroot close this connection after the answer (its stream can't be trusted)."""
+    cheroot_request = request.environ.get('xhs.request')
+    if cheroot_request is not None:
+        cheroot_request.close_connection = True
 
 
 def drain(stream, length):
@@ -326,11 +365,15 @@ def int_value(p, name, default=None, low=None, high=None):
             raise ApiError(301, MISSING % name)
         return default
     number = whole_number(value)
-    if number is None:
-        raise ApiError(301, INVALID % name)
-    if (low is not None and number < low) or (high is not None and number > high):
+    low = -SQL_INT if low is None else low
+    high = SQL_INT if high is None else high
+    if number is None or not low <= number <= high:
         raise ApiError(301, INVALID % name)
     return number
+
+
+SQL_INT = 2 ** 62            # SQLite stores 64-bit integers: anything past this is no id or count
+EARLIEST, LATEST = 946684800, 4102444800   # 2000-01-01 .. 2100-01-01: the times phones can mean
 
 
 def whole_number(text):
@@ -354,16 +397,20 @@ def phone_type_value(p):
 def parse_time(value):
     """Epoch seconds from epoch seconds/milliseconds or a local `YYYY-MM-DD[ T]HH:MM[:SS]`."""
     value = value.strip()
-    if re.fullmatch(r'\d+(\.\d+)?', value):
+    if re.fullmatch(r'\d{1,20}(\.\d{1,9})?', value):
         number = float(value)
-        return number / 1000 if number > 1e11 else number
+        return sane_time(number / 1000 if number > 1e11 else number)
     text = value.replace('T', ' ').replace('/', '-')
     for fmt in ('%Y-%m-%d %H:%M:%S', '%Y-%m-%d %H:%M', '%Y-%m-%d'):
         try:
-            return time.mktime(time.strptime(text[:19], fmt))
-        except ValueError:
+            return sane_time(time.mktime(time.strptime(text[:19], fmt)))
+        except (ValueError, OverflowError):
             continue
     return None
+
+
+def sane_time(epoch):
+    return epoch if EARLIEST <= epoch <= LATEST else None
 
 
 def current_phone(p):
@@ -456,6 +503,8 @@ def decode_image(value, field='img_base64_data'):
         raise ApiError(301, INVALID % field) from None
     if models.image_type(data) is None:
         raise ApiError(301, INVALID % field + ' (不是 PNG/JPEG/WebP/GIF 图片)')
+    if not models.image_complete(data):
+        raise ApiError(301, INVALID % field + ' (图片不完整)')
     return data
 
 
@@ -566,6 +615,8 @@ def phone_api(path):
     handler = HANDLERS.get(endpoint(path))
 
     def run():
+        if request.method not in ('GET', 'POST'):
+            raise ApiError(402, '请求异常')   # a HEAD must not claim a task it cannot deliver
         p = request_params()
         check_token(p)
         if handler is None:
@@ -628,7 +679,7 @@ def update_userinfo(p):
     mac, valid = mac_value(fields['macaddr'])
     if not valid:
         raise ApiError(301, INVALID % 'macaddr')
-    platform = int_value(p, 'platform')
+    platform = int_value(p, 'platform', low=0, high=10 ** 6)
     phone = current_phone(p)
     models.update_account(phone['id'], number, fields['name'], fields['xiaohongshu_id'],
                           fields['home_url'], mac, platform)
@@ -926,7 +977,7 @@ def sms_fields(p):
     if isinstance(payload, dict):
         nested = Params()
         for name, value in payload.items():
-            nested.add(name, value)
+            nested.add(name, value, from_json=True)
         text, sender = nested.get('message'), nested.get('phoneNumber')
         sent = nested.get('receivedAt')
     else:
@@ -1044,6 +1095,8 @@ def make_server(host, port, threads=24, timeout=60):
                          request_queue_size=1024, server_name='xhs-server')
     server.gateway = Gateway
     server.max_request_body_size = 0  # the app enforces the limit and answers with the envelope
+    # Headers and request line: room for a screenshot sent in a query string, no more.
+    server.max_request_header_size = 16 * 1024 * 1024
     # cheroot keeps only 10 idle keep-alive connections by default and closes the
     # rest; a phone's OkHttp then resends its next POST on a dead connection.
     server.keep_alive_conn_limit = 4096

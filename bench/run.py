@@ -43,7 +43,7 @@ WRK_THREADS = 2
 IDLE_CONNECTIONS = 500
 SCREENSHOT_BYTES = 3_000_000   # decoded; its base64 is ~4 MB
 MEMORY_IMAGE_BYTES = 1_000_000
-PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+PNG_MAGIC, PNG_END = b'\x89PNG\r\n\x1a\n', b'\x00\x00\x00\x00IEND\xaeB`\x82'
 
 WORK_STATUS = '/xhs_phone_management/get_phone_work_status'
 POLLS = (  # (figure, path, more parameters)
@@ -115,8 +115,9 @@ def phone_params(i):
 
 
 def png_base64(size):
-    """A distinct random 'screenshot' of `size` bytes starting with the PNG magic, as base64."""
-    return base64.b64encode(PNG_MAGIC + os.urandom(size - len(PNG_MAGIC))).decode('ascii')
+    """A distinct random 'screenshot' of `size` bytes, shaped as a PNG (magic, IEND), as base64."""
+    filler = os.urandom(size - len(PNG_MAGIC) - len(PNG_END))
+    return base64.b64encode(PNG_MAGIC + filler + PNG_END).decode('ascii')
 
 
 def mb(kilobytes):

@@ -30,6 +30,14 @@ def sample(name, mode='rb'):
         return handle.read()
 
 
+PNG_START, PNG_END = b'\x89PNG\r\n\x1a\n', b'\x00\x00\x00\x00IEND\xaeB`\x82'
+
+
+def png_like(filler):
+    """Bytes that begin and end as a PNG does (what the server checks), around `filler`."""
+    return PNG_START + filler + PNG_END
+
+
 def b64(name):
     return base64.b64encode(sample(name)).decode('ascii')
 

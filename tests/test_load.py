@@ -1,4 +1,5 @@
 """A working morning at scale against a real server: 50 phones, the operator adding more meanwhile."""
+import base64
 import json
 import os
 import sqlite3
@@ -10,7 +11,7 @@ from collections import Counter, defaultdict
 from click.testing import CliRunner
 
 import cli
-from conftest import xhs_command
+from conftest import png_like, xhs_command
 
 PHONES = 50
 
@@ -186,15 +187,14 @@ def test_backup_and_pruning_under_write_load_keep_phones_served(live, tmp_path):
 
 def test_screenshot_retention_removes_old_files_and_keeps_the_rest(live, tmp_path):
     server = live()
-    import base64
     keys = []
     for i in range(6):
-        data = b'\x89PNG\r\n\x1a\n' + os.urandom(5000)
+        data = png_like(os.urandom(5000))
         body = server.call('/xiaohongshu_direct_essages/save_screenshots', dict(
             sim(1), name='客户%d' % i, img_base64_data=base64.b64encode(data).decode()))
         keys.append(body['data']['key'].rsplit('/', 1)[1])
     image = tmp_path / 'cover.png'
-    image.write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(3000))
+    image.write_bytes(png_like(os.urandom(3000)))
     server.cli('tasks', 'add-release', '--content', '带图笔记', '--image', image)
     aged = sqlite3.connect(server.db)
     aged.execute('UPDATE screenshot SET created_at = ? WHERE image_id IN '
