@@ -45,8 +45,14 @@ class Group(click.Group):
             raise click.ClickException('database error: %s' % error) from None
         except (peewee.DatabaseError, sqlite3.DatabaseError) as error:
             raise click.ClickException('database error: %s' % error) from None
+        except BrokenPipeError:
+            # `xhs-server logs | head`: the reader left; stop quietly, as other tools do.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except OSError as error:
             raise click.ClickException(str(error)) from None
+        except UnicodeEncodeError:
+            raise click.ClickException('arguments must be UTF-8 text') from None
 
 
 def open_db(ctx, busy_timeout=5.0):
@@ -96,7 +102,10 @@ def show_time(ts):
 def iso_time(ts):
     if ts is None:
         return None
-    return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec='seconds')
+    try:
+        return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec='seconds')
+    except (ValueError, OverflowError, OSError):
+        return str(ts)   # a time no calendar can show: the raw epoch rather than a crash
 
 
 def width(text):
@@ -151,26 +160,40 @@ def json_times(row, *keys):
 
 json_option = click.option('--json', 'as_json', is_flag=True, help='Print one JSON array, nothing else.')
 
+# Integers the database can hold: ids, limits, priorities, platforms.
+ID = click.IntRange(1, 2 ** 62)
+LIMIT = click.IntRange(1, 10 ** 9)
+NUMBER = click.IntRange(-10 ** 9, 10 ** 9)
+
 RELATIVE = re.compile(r'^([+-]?)(\d+)\s*([smhdw])$')
 UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400, 'w': 604800}
 
 
 def parse_when(text, option):
-    """Epoch seconds from a local time (`2026-12-01 18:00`) or a span (`7d` ago, `+2h` ahead)."""
-    text = text.strip()
+    """Epoch seconds from a local time (`2026-12-01 18:00`) or a span (`7d` ago, `+2h` ahead),
+    between the years 2000 and 2100."""
+    when = parse_time_text(text.strip())
+    if when is None:
+        raise click.BadParameter('%r is not a time: use "YYYY-MM-DD HH:MM", "7d" (ago) or "+2h" (ahead)'
+                                 % text, param_hint=option)
+    if not 946684800 <= when <= 4102444800:
+        raise click.BadParameter('%r is not between the years 2000 and 2100' % text, param_hint=option)
+    return when
+
+
+def parse_time_text(text):
     if text == 'now':
         return now()
     match = RELATIVE.match(text)
     if match:
         sign = 1 if match.group(1) == '+' else -1
-        return now() + sign * int(match.group(2)) * UNITS[match.group(3)]
+        return now() + sign * min(int(match.group(2)), 10 ** 9) * UNITS[match.group(3)]
     for fmt in ('%Y-%m-%d %H:%M:%S', '%Y-%m-%d %H:%M', '%Y-%m-%d', '%Y-%m-%dT%H:%M:%S', '%Y-%m-%dT%H:%M'):
         try:
             return time.mktime(time.strptime(text, fmt))
-        except ValueError:
+        except (ValueError, OverflowError):
             continue
-    raise click.BadParameter('%r is not a time: use "YYYY-MM-DD HH:MM", "7d" (ago) or "+2h" (ahead)'
-                             % text, param_hint=option)
+    return None
 
 
 def find_phone(ref):
@@ -247,6 +270,8 @@ def serve(ctx, host, port, threads, timeout, token, allow, approve_new, busy_tim
     Example: xhs-server serve --port 8000
     """
     import xhs_server
+    if alert_webhook and not models.is_http_url(alert_webhook):
+        raise click.BadParameter('must be an http(s) URL', param_hint='--alert-webhook')
     open_db(ctx, busy_timeout)
     try:
         xhs_server.configure(token=token, allow=list(allow) or None, approve_new=approve_new,
@@ -414,12 +439,25 @@ def phones_add(imsi, iccid, label, mac, phone_type):
     normal, valid = mac_value(mac)
     if not valid:
         raise click.BadParameter('%r is not a MAC address' % mac, param_hint='--mac')
-    if label and Phone.get_or_none(Phone.label == label):
-        raise click.ClickException('label %r is already used by another phone' % label)
+    label = check_label(label)
     if models.find_phone_by_sim(imsi, iccid):
         raise click.ClickException('phone %s/%s is already registered' % (imsi, iccid))
     phone = Phone.create(imsi=imsi, iccid=iccid, label=label, mac=normal, phone_type=phone_type)
     done('added phone %s (id %d)' % (label or imsi, phone.id))
+
+
+def check_label(label, phone_id=None):
+    """A label that names one phone only: printable, on one line, not another phone's id/SIM/MAC."""
+    if label is None:
+        return None
+    label = label.strip()
+    if not label or not label.isprintable() or len(label) > 64:
+        raise click.BadParameter('a label is 1 to 64 printable characters on one line', param_hint='--label')
+    other = models.resolve_phone(label)
+    if other is not None and other.id != phone_id:
+        raise click.ClickException('label %r would also name phone %s (by its label, id, IMSI, ICCID '
+                                   'or MAC)' % (label, other.name))
+    return label
 
 
 def phone_rows():
@@ -477,6 +515,7 @@ def phones_set(phone, label, offline, rest, rest_day, rest_night, approve, refre
     Example: xhs-server phones set A-01 --offline --rest-night 180
     """
     target = find_phone(phone)
+    label = check_label(label, target.id)
     changes = {'label': label, 'offline': offline, 'approved': True if approve else None,
                'refresh_profile': True if refresh_profile else None,
                'rest_day': rest_day if rest_day is not None else rest,
@@ -484,8 +523,6 @@ def phones_set(phone, label, offline, rest, rest_day, rest_night, approve, refre
     changes = {key: value for key, value in changes.items() if value is not None}
     if not changes:
         raise click.UsageError('nothing to change: give at least one option')
-    if label and Phone.get_or_none((Phone.label == label) & (Phone.id != target.id)):
-        raise click.ClickException('label %r is already used by another phone' % label)
     said = ['%s %s -> %s' % (key, getattr(target, key), value)
             for key, value in changes.items() if getattr(target, key) != value]
     Phone.update(changes).where(Phone.id == target.id).execute()
@@ -494,7 +531,7 @@ def phones_set(phone, label, offline, rest, rest_day, rest_night, approve, refre
 
 @phones.command('history')
 @click.argument('phone')
-@click.option('--limit', default=50, show_default=True, type=click.IntRange(1))
+@click.option('--limit', default=50, show_default=True, type=LIMIT)
 @json_option
 @with_db
 def phones_history(phone, limit, as_json):
@@ -530,36 +567,70 @@ def read_text(path):
         raise click.ClickException('cannot read %s: not UTF-8 text (byte %d)' % (path, error.start)) from None
 
 
+csv.field_size_limit(64 * 1024 * 1024)
+HEADER_CELL = re.compile(r'[a-z_]+')
+
+
 def records(text, fields):
-    """(line number, dict) for each JSON line, or CSV row (with a header of `fields`, or in their order)."""
+    """(line number, dict or reason) for each JSON line, or each CSV row (with a header
+    of `fields`, or in their order). A file that is not CSV at all stops the import."""
     lines = text.splitlines()
     first = next((line.strip() for line in lines if line.strip()), '')
     if first.startswith('{'):
-        for number, line in enumerate(lines, 1):
-            if line.strip() and not line.lstrip().startswith('#'):
-                try:
-                    value = json.loads(line)
-                except ValueError:
-                    value = None
-                yield number, value if isinstance(value, dict) else 'not a JSON object'
+        yield from json_records(lines)
         return
-    reader = csv.reader(io.StringIO(text))
-    header = None
-    line = 0
-    for row in reader:
-        start, line = line + 1, reader.line_num
-        cells = [cell.strip() for cell in row]
-        if not any(cells) or cells[0].startswith('#'):
-            continue
-        if header is None:
-            if all(cell in fields for cell in cells):
-                header = cells
+    reader = csv.reader(io.StringIO(text, newline=''))
+    header, line = None, 0
+    try:
+        for row in reader:
+            start, line = line + 1, reader.line_num
+            cells = [cell.strip() for cell in row]
+            if not any(cells) or cells[0].startswith('#'):
                 continue
-            header = list(fields)
-        if len(cells) > len(header):
-            yield start, 'more columns than %s' % ', '.join(header)
+            if header is None:
+                header = csv_header(cells, fields)
+                if header:
+                    continue
+                header = list(fields)
+            if len(cells) > len(header):
+                yield start, 'more columns than %s' % ', '.join(header)
+                continue
+            yield start, dict(zip(header, cells))
+    except csv.Error as error:
+        raise click.ClickException('line %d: %s; nothing imported' % (reader.line_num, error)) from None
+
+
+def csv_header(cells, fields):
+    """The first row's names when it is a header (all lowercase words), else None."""
+    if not all(HEADER_CELL.fullmatch(cell) for cell in cells):
+        return None
+    unknown = [cell for cell in cells if cell not in fields]
+    if unknown:
+        raise click.ClickException('unknown column %s; the columns are %s; nothing imported'
+                                   % (', '.join(unknown), ', '.join(fields)))
+    return cells
+
+
+def json_records(lines):
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith('#'):
             continue
-        yield start, dict(zip(header, cells))
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            value = None
+        yield number, valid_json(value) if isinstance(value, dict) else 'not a JSON object'
+
+
+def valid_json(value):
+    """Strings in a JSON value with any lone surrogate (from a \\ud800 escape) made U+FFFD."""
+    if isinstance(value, str):
+        return models.valid_unicode(value)
+    if isinstance(value, list):
+        return [valid_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: valid_json(item) for key, item in value.items()}
+    return value
 
 
 def import_file(path, noun, fields, check, key, existing, insert, strict, prepare=None):
@@ -719,7 +790,7 @@ def codes_add(phone_number, code):
 
 @codes.command('list')
 @click.option('--number', help='Only this number.')
-@click.option('--limit', default=50, show_default=True, type=click.IntRange(1))
+@click.option('--limit', default=50, show_default=True, type=LIMIT)
 @click.option('--reveal', is_flag=True, help='Show numbers and codes unmasked.')
 @json_option
 @with_db
@@ -774,7 +845,7 @@ def check_profile(record):
     except ValueError:
         raise ValueError('birthday must be YYYY-MM-DD: %r' % birthday) from None
     platform = str(record.get('platform') or '1').strip()
-    if not platform.isdigit():
+    if not re.fullmatch(r'\d{1,9}', platform):
         raise ValueError('platform must be a number: %r' % platform)
     return {'gender_id': int(gender_id), 'gender': gender or GENDERS[int(gender_id)],
             'head_portrait': str(record.get('head_portrait') or '').strip(), 'birthday': birthday,
@@ -904,8 +975,8 @@ def release_item(record):
     for key in ('platform', 'priority'):
         value = str(record.get(key) if record.get(key) is not None else '').strip()
         if value:
-            if not re.fullmatch(r'-?\d+', value):
-                raise ValueError('%s must be a whole number: %r' % (key, value))
+            if not re.fullmatch(r'-?\d{1,9}', value):
+                raise ValueError('%s must be a whole number of at most 9 digits: %r' % (key, value))
             item[key] = int(value)
     phone = str(record.get('phone') or '').strip()
     if phone:
@@ -950,11 +1021,11 @@ def stored_release_keys(keys):
 @click.option('--image', 'images', multiple=True, metavar='FILE_OR_URL',
               help='An image (repeatable): a local file is copied into the media folder.')
 @click.option('--topic', 'topics', multiple=True, help='A topic (repeatable).')
-@click.option('--platform', type=int, default=1, show_default=True)
+@click.option('--platform', type=NUMBER, default=1, show_default=True)
 @click.option('--phone', help='Only this phone may publish it.')
 @click.option('--account', help='Only the phone holding this Xiaohongshu id may publish it.')
 @click.option('--at', 'at', help='Not before this local time ("2026-12-24 18:00" or "+2h").')
-@click.option('--priority', type=int, default=0, show_default=True, help='Higher goes first.')
+@click.option('--priority', type=NUMBER, default=0, show_default=True, help='Higher goes first.')
 @with_db
 def tasks_add_release(content, title, images, topics, platform, phone, account, at, priority):
     """Queue a note to publish; prints its id.
@@ -997,7 +1068,7 @@ def tasks_import(file, strict):
 @click.option('--phone', required=True, help='The phone that will send it.')
 @click.option('--name', required=True, help='The DM counterpart, as the phone sees the name.')
 @click.option('--msg', required=True, help='The reply text.')
-@click.option('--platform', type=int, default=1, show_default=True)
+@click.option('--platform', type=NUMBER, default=1, show_default=True)
 @with_db
 def tasks_add_reply(phone, name, msg, platform):
     """Queue a DM reply for a phone; prints its id.
@@ -1046,7 +1117,7 @@ def task_rows(kind, status_, phone, limit):
 @click.option('--kind', type=click.Choice(['release', 'reply', 'comment_reply']))
 @click.option('--status', 'status_', type=click.Choice(models.TASK_STATES))
 @click.option('--phone', help='Tasks claimed by or meant for this phone.')
-@click.option('--limit', default=100, show_default=True, type=click.IntRange(1))
+@click.option('--limit', default=100, show_default=True, type=LIMIT)
 @json_option
 @with_db
 def tasks_list(kind, status_, phone, limit, as_json):
@@ -1074,7 +1145,7 @@ def operator_move(task_id, move, verb):
 
 
 @tasks.command('requeue')
-@click.argument('task_id', type=int)
+@click.argument('task_id', type=ID)
 @with_db
 def tasks_requeue(task_id):
     """Put a handed-out (or cancelled) task back in the queue for any phone.
@@ -1085,7 +1156,7 @@ def tasks_requeue(task_id):
 
 
 @tasks.command('cancel')
-@click.argument('task_id', type=int)
+@click.argument('task_id', type=ID)
 @with_db
 def tasks_cancel(task_id):
     """Withdraw a task that is not done yet.
@@ -1140,7 +1211,7 @@ def comment_rows(state, phone, limit):
 @click.option('--status', 'state', type=click.Choice(('unanswered', 'replied') + models.DELETE_STATES),
               help='Deletion state (none, ordered, deleted, failed), or unanswered / replied.')
 @click.option('--phone', help='Comments reported by this phone.')
-@click.option('--limit', default=100, show_default=True, type=click.IntRange(1))
+@click.option('--limit', default=100, show_default=True, type=LIMIT)
 @json_option
 @with_db
 def comments_list(state, phone, limit, as_json):
@@ -1157,7 +1228,7 @@ def comments_list(state, phone, limit, as_json):
 
 
 @comments.command('reply')
-@click.argument('comment_id', type=int)
+@click.argument('comment_id', type=ID)
 @click.argument('text')
 @with_db
 def comments_reply(comment_id, text):
@@ -1175,7 +1246,7 @@ def comments_reply(comment_id, text):
 
 
 @comments.command('delete')
-@click.argument('comment_id', type=int)
+@click.argument('comment_id', type=ID)
 @with_db
 def comments_delete(comment_id):
     """Order a comment deleted (again, after a failed deletion).
@@ -1225,7 +1296,7 @@ def print_log(row, as_json):
 @click.option('--phone', help='Only this phone\'s lines.')
 @click.option('--since', help='From this local time, or a span ago ("2h", "7d").')
 @click.option('--grep', help='Only lines containing this text.')
-@click.option('--limit', default=100, show_default=True, type=click.IntRange(1))
+@click.option('--limit', default=100, show_default=True, type=LIMIT)
 @click.option('--follow', '-f', is_flag=True, help='Keep printing new lines until Ctrl-C.')
 @json_option
 @click.pass_context
@@ -1349,7 +1420,7 @@ def settings_cmd(key, value, as_json):
 
 @main.command('audit')
 @click.option('--since', help='From this local time, or a span ago ("7d").')
-@click.option('--limit', default=100, show_default=True, type=click.IntRange(1))
+@click.option('--limit', default=100, show_default=True, type=LIMIT)
 @json_option
 @with_db
 def audit_cmd(since, limit, as_json):

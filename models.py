@@ -165,7 +165,19 @@ def fmt_time(ts, sep=' '):
     """Local time as `YYYY-MM-DD HH:MM:SS` (or with `T` between), '' for None."""
     if ts is None:
         return ''
-    return time.strftime('%Y-%m-%d' + sep + '%H:%M:%S', time.localtime(ts))
+    try:
+        return time.strftime('%Y-%m-%d' + sep + '%H:%M:%S', time.localtime(ts))
+    except (ValueError, OverflowError, OSError):
+        return str(ts)
+
+
+def valid_unicode(text):
+    """Text any database takes: lone surrogates (from JSON's \\ud800 escapes) become U+FFFD."""
+    try:
+        text.encode('utf-8')
+        return text
+    except UnicodeEncodeError:
+        return text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
 
 
 def check_in(field, values):
@@ -418,20 +430,30 @@ def settings(fresh=False):
     return values
 
 
+# The largest sensible value of each number setting (minutes, days, MB, count).
+SETTING_MAXIMA = {'rest_day': 1440, 'rest_night': 1440, 'activity_window': 1440, 'code_lifetime': 1440,
+                  'reservation_window': 10080, 'max_body_mb': 1024, 'max_image_mb': 256,
+                  'max_images': 100, 'screenshot_retention_days': 3650, 'stuck_minutes': 10080,
+                  'alert_every': 10080}
+
+
 def parse_setting(key, value):
     """Validate a setting's text; raise ValueError with a readable reason."""
     default = SETTINGS[key][0]
     if isinstance(default, str):
         if key.endswith('_start') and not re.fullmatch(r'([01]\d|2[0-3]):[0-5]\d', value):
             raise ValueError('%s must be a time HH:MM' % key)
+        if key == 'alert_webhook' and value and not is_http_url(value):
+            raise ValueError('alert_webhook must be an http(s) URL, or empty to turn alerts off')
         return value
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ValueError('%s must be a whole number' % key) from None
-    if number < 0 or (number == 0 and key.startswith('max_')):
-        raise ValueError('%s must be %s' % (key, 'positive' if key.startswith('max_') else '0 or more'))
-    return number
+    low = 1 if key.startswith('max_') else 0
+    if not re.fullmatch(r'\d{1,9}', str(value)) or not low <= int(value) <= SETTING_MAXIMA[key]:
+        raise ValueError('%s must be a whole number from %d to %d' % (key, low, SETTING_MAXIMA[key]))
+    return int(value)
+
+
+def is_http_url(text):
+    return bool(re.fullmatch(r'https?://[^\s/?#]+[^\s]*', text))
 
 
 def set_setting(key, value):

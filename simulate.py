@@ -1239,6 +1239,20 @@ class Operator:
 # Running, and the summary
 # --------------------------------------------------------------------------
 
+def reachable(url):
+    """Whether a server answers GET /healthz at `url` (before the operator's work is seeded)."""
+    base = urllib.parse.urlsplit(url.rstrip('/'))
+    make = http.client.HTTPSConnection if base.scheme == 'https' else http.client.HTTPConnection
+    try:
+        conn = make(base.hostname, base.port, timeout=5)
+        conn.request('GET', '/healthz')
+        conn.getresponse().read()
+        conn.close()
+        return True
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
 def run_simulation(url, phones=5, seconds=30.0, seed=1, seed_work=False, db=None, data_dir=None):
     """Run the phones and return the summary (a dict, as printed by --json)."""
     base = urllib.parse.urlsplit(url.rstrip('/'))
@@ -1374,6 +1388,9 @@ def simulate(ctx, url, phones, minutes, seconds, seed, as_json, seed_work, db):
     """
     duration = seconds if seconds is not None else (minutes * 60 if minutes is not None else 30.0)
     db, data_dir = database_for(ctx, db) if seed_work else (None, None)
+    if seed_work and not reachable(url):
+        click.echo('Error: no server answers at %s; nothing seeded' % url, err=True)
+        ctx.exit(2)
     click.echo('simulating %d phones for %gs against %s…' % (phones, duration, url), err=True)
     result = run_simulation(url, phones, duration, seed, seed_work, db, data_dir)
     if as_json:

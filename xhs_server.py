@@ -118,7 +118,7 @@ class Params:
             return
         text = json_text(value).strip()
         if from_json:
-            text = valid_unicode(text)
+            text = models.valid_unicode(text)
         if text:
             self.values.setdefault(name, []).append(text)
 
@@ -136,15 +136,6 @@ class Params:
 
     def __contains__(self, name):
         return name in self.values
-
-
-def valid_unicode(text):
-    """JSON's \\ud800 escapes can make lone surrogates, which no database takes: U+FFFD."""
-    try:
-        text.encode('utf-8')
-        return text
-    except UnicodeEncodeError:
-        return text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
 
 
 def json_text(value):

@@ -2,12 +2,14 @@
 import base64
 import json
 import socket
+import sqlite3
+import subprocess
 import time
 import urllib.parse
 
 import pytest
 
-from conftest import PHONE_A, sample
+from conftest import PHONE_A, sample, xhs_command
 
 SIM = 'imsi=%s&iccid=%s' % (PHONE_A['imsi'], PHONE_A['iccid'])
 
@@ -134,3 +136,84 @@ def test_huge_headers_are_refused_and_the_server_keeps_answering(server):
         sock.close()
     assert not answer.startswith(b'HTTP/1.1 200'), answer
     assert time.monotonic() - started < 30
+
+
+# --------------------------------------------------------------------------
+# The CLI
+# --------------------------------------------------------------------------
+
+def one_line_error(result):
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert 'Traceback' not in result.output and len(result.stderr.strip().splitlines()) == 1, result.output
+    return result.stderr
+
+
+@pytest.mark.parametrize('args', [
+    ('tasks', 'add-release', '--content', 'x', '--priority', '9' * 23),
+    ('tasks', 'add-release', '--content', 'x', '--platform', '9' * 23),
+    ('tasks', 'list', '--limit', '9' * 23),
+    ('tasks', 'requeue', '9' * 23),
+    ('comments', 'delete', '9' * 23),
+    ('tasks', 'add-release', '--content', 'bad \udcff text'),
+    ('tasks', 'add-release', '--content', 'x', '--at', '0001-01-01'),
+    ('tasks', 'add-release', '--content', 'x', '--at', '+99999999999h'),
+    ('settings', 'rest_day', '9' * 23),
+    ('settings', 'max_body_mb', '100000000'),
+    ('settings', 'alert_webhook', 'not-a-url'),
+    ('phones', 'add', '--imsi', '460011234567809', '--iccid', '89860112345678901209', '--label', ''),
+    ('phones', 'add', '--imsi', '460011234567809', '--iccid', '89860112345678901209', '--label', 'A\n02'),
+    ('phones', 'add', '--imsi', '460011234567809', '--iccid', '89860112345678901209',
+     '--label', PHONE_A['imsi']),
+])
+def test_cli_refuses_absurd_arguments_in_one_line(run, ok_run, args):
+    ok_run('phones', 'add', '--imsi', PHONE_A['imsi'], '--iccid', PHONE_A['iccid'], '--label', 'A-01')
+    before = ok_run('tasks', 'list', '--json').stdout, ok_run('phones', 'list', '--json').stdout
+    one_line_error(run(*args))
+    assert (ok_run('tasks', 'list', '--json').stdout, ok_run('phones', 'list', '--json').stdout) == before
+
+
+@pytest.mark.parametrize('content, imported', [
+    ('13900000031\r13900000032\r', 2),                               # old Mac line ends
+    ('{"phone_number": "139000000' + '[' * 5000 + '"}\n13900000033\n', None),
+])
+def test_numbers_import_survives_odd_files(run, tmp_path, content, imported):
+    path = tmp_path / 'numbers.txt'
+    path.write_text(content, newline='')
+    result = run('numbers', 'import', path)
+    assert 'Traceback' not in result.output
+    if imported is not None:
+        assert result.exit_code == 0 and 'imported %d numbers' % imported in result.stdout
+
+
+@pytest.mark.parametrize('content, reason', [
+    ('{"content": "' + 'x' * 200000 + '"}\n', None),                 # a long line is just long
+    ('{"content": ' + '[' * 100000 + ']' * 100000 + '}\n', 'not a JSON object'),
+    ('{"content": "a\\ud800b"}\n', None),
+    ('{"content": "x", "priority": "99999999999999999999999"}\n', 'priority'),
+])
+def test_tasks_import_takes_or_names_each_odd_line(run, ok_run, tmp_path, content, reason):
+    path = tmp_path / 'tasks.jsonl'
+    path.write_text(content)
+    result = run('tasks', 'import', path)
+    assert result.exit_code == 0 and 'Traceback' not in result.output, result.output
+    if reason:
+        assert 'line 1: skipped' in result.stderr and reason in result.stderr
+    else:
+        assert 'imported 1 release tasks' in result.stdout
+
+
+def test_a_csv_header_with_an_unknown_column_imports_nothing(run, ok_run, tmp_path):
+    path = tmp_path / 'tasks.csv'
+    path.write_text('text,title\n笔记,标题\n')
+    assert 'unknown column text' in one_line_error(run('tasks', 'import', path))
+    assert json.loads(ok_run('tasks', 'list', '--json').stdout) == []
+
+
+def test_logs_piped_into_head_stop_quietly(run, ok_run, db_path):
+    ok_run('phones', 'add', '--imsi', PHONE_A['imsi'], '--iccid', PHONE_A['iccid'])
+    with sqlite3.connect(db_path) as conn:   # enough lines that head closes the pipe mid-way
+        conn.executemany('INSERT INTO log (at, msg) VALUES (?, ?)', ((time.time(), '行 %d ' % i + 'x' * 100)
+                                                                    for i in range(30000)))
+    command = ' '.join(xhs_command()) + ' --db %s logs --limit 100000 | head -1' % db_path
+    result = subprocess.run(['bash', '-c', command], capture_output=True, text=True)
+    assert result.stderr == '' and result.stdout.startswith(time.strftime('%Y-')), result.stderr

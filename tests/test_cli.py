@@ -552,7 +552,7 @@ MISTAKES = [
     ('bad-code', ('codes', 'add', '13900000001', '60'), 'CODE'),
     ('bad-setting-key', ('settings', 'rest_weekend', '30'), 'rest_weekend'),
     ('bad-setting-value', ('settings', 'rest_day', 'lots'), 'rest_day'),
-    ('negative-setting', ('settings', 'rest_day', '--', '-5'), '0 or more'),
+    ('negative-setting', ('settings', 'rest_day', '--', '-5'), 'from 0 to 1440'),
     ('bad-since', ('logs', '--since', 'last week'), 'last week'),
     ('bad-prune-before', ('logs', 'prune', '--before', 'ages ago'), 'ages ago'),
 ]
