@@ -345,6 +345,9 @@ def status_data():
             'ELSE state END, COUNT(*) FROM profile GROUP BY 1', (at,)),
         'codes_last_hour': db.execute_sql('SELECT COUNT(*) FROM code WHERE received_at >= ?',
                                           (at - 3600,)).fetchone()[0],
+        'codes_waiting': db.execute_sql(
+            'SELECT COUNT(*) FROM code WHERE received_at >= ? AND code IS NOT NULL',
+            (at - models.settings()['code_lifetime'] * 60,)).fetchone()[0],
         'comments': count_by('SELECT delete_state, COUNT(*) FROM comment GROUP BY 1'),
         'recent_errors': [{'at': iso_time(ts), 'phone': who, 'msg': msg} for ts, who, msg in errors],
     }
@@ -366,7 +369,8 @@ def print_status(data):
     click.echo('numbers   %d free, %d bound' % (numbers.get('free', 0), numbers.get('bound', 0)))
     click.echo('profiles  %d available, %d reserved, %d used' % (
         profiles.get('available', 0), profiles.get('reserved', 0), profiles.get('used', 0)))
-    click.echo('codes     %d received in the last hour' % data['codes_last_hour'])
+    click.echo('codes     %d received in the last hour, %d still valid for phones to fetch'
+               % (data['codes_last_hour'], data['codes_waiting']))
     if data['stuck_tasks']:
         click.echo('stuck     ' + ', '.join('#%d %s on %s since %s' % (
             row['id'], row['kind'], row['phone'], row['claimed_at'][11:19]) for row in data['stuck_tasks']))

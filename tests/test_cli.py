@@ -285,7 +285,7 @@ def test_status_json_counts_the_known_state(known_state, run):
     assert (data['numbers'].get('free', 0), data['numbers'].get('bound', 0)) == (1, 1)
     assert (data['profiles'].get('available', 0), data['profiles'].get('reserved', 0),
             data['profiles'].get('used', 0)) == (1, 1, 0)
-    assert data['codes_last_hour'] == 2
+    assert data['codes_last_hour'] == 2 and data['codes_waiting'] == 2
     assert data['stuck_tasks'] == []
     assert [(row['phone'], row['msg']) for row in data['recent_errors']] == [('A-01', '发布失败: 网络超时')]
     assert abs(epoch_of(data['recent_errors'][0]['at']) - time.time()) < 60
@@ -300,7 +300,7 @@ def test_status_screen_shows_the_same_counts(known_state, run):
     assert 'reply     1 pending, 0 claimed, 0 done, 0 cancelled' in lines
     assert 'numbers   1 free, 1 bound' in lines
     assert 'profiles  1 available, 1 reserved, 0 used' in lines
-    assert 'codes     2 received in the last hour' in lines
+    assert 'codes     2 received in the last hour, 2 still valid for phones to fetch' in lines
     errors = [line for line in lines if line.startswith('error ')]
     assert len(errors) == 1 and errors[0].endswith('A-01: 发布失败: 网络超时'), errors
     assert TIME_RE.match(errors[0][10:29]), errors[0]
