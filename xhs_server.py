@@ -71,10 +71,13 @@ class ApiError(Exception):
         self.code, self.msg, self.data = code, msg, data
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(',', ':'))
+
+
 def envelope(code, msg, data=None, note=None):
     body = {'code': code, 'msg': msg, 'data': {} if data is None else data,
             'note': note or {}}
-    return json.dumps(body, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
+    return _JSON.encode(body).encode('utf-8')
 
 
 def ok(data=None, msg='', note=None):
@@ -89,7 +92,8 @@ def nothing(msg=NOTHING):
 
 
 def answer(body, status=200):
-    response.status = status
+    if status != 200:   # bottle starts every response at 200
+        response.status = status
     response.content_type = JSON_TYPE
     return body
 
@@ -294,10 +298,7 @@ def drain(stream, length):
 
 def request_params():
     environ = request.environ
-    params = Params()
-    query = environ.get('QUERY_STRING', '')
-    if query:
-        parse_urlencoded(query.encode('latin-1', 'replace'), params)
+    params = query_params(environ)
     limit = models.settings()['max_body_mb'] * 1024 * 1024
     body = read_body(environ, limit)
     params.merge(parse_body(body, environ.get('CONTENT_TYPE', '')))
@@ -800,7 +801,7 @@ def get_phone_work_status(p):
 @api('xhs_phone_management', 'get_phone_number')
 def get_phone_number(p):
     phone = current_phone(p)
-    number = models.number_for(phone['id'], phone['iccid'])
+    number = models.number_for(phone['id'], p.get('iccid'))
     if number is None:
         return ok({'phone_number': ''}, '暂无可用手机号')
     return ok({'phone_number': number}, '查询成功')
@@ -1003,7 +1004,7 @@ def sms_receive():
 @app.route('/media/<name:path>', method=['GET', 'HEAD'])
 def media(name):
     def run():
-        check_token(Params() if not request.query_string else query_params())
+        check_token(query_params(request.environ))
         if not models.MEDIA_NAME_RE.match(name):
             raise ApiError(404, '文件不存在')
         path = os.path.join(models.media_dir(), name)
@@ -1017,9 +1018,16 @@ def media(name):
         return answer(envelope(error.code, error.msg), 404 if error.code == 404 else 200)
 
 
-def query_params():
+def query_params(environ):
+    """Parameters of the query string (WSGI hands it over as latin-1 text of the raw bytes)."""
     params = Params()
-    parse_urlencoded(request.environ.get('QUERY_STRING', '').encode('latin-1', 'replace'), params)
+    query = environ.get('QUERY_STRING', '')
+    if query.isascii() and '%' not in query and '+' not in query:
+        for pair in query.split('&'):   # a poll's plain query: nothing to decode
+            name, _, value = pair.partition('=')
+            params.add(name, value)
+    else:
+        parse_urlencoded(query.encode('latin-1', 'replace'), params)
     return params
 
 
