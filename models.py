@@ -711,6 +711,10 @@ _NEXT_SQL = '''SELECT id FROM (
           AND target_account IS NULL AND run_at <= :now ORDER BY priority DESC, id LIMIT 1)
     ) ORDER BY grp, priority DESC, id LIMIT 1'''
 
+_ANY_SQL = ("SELECT EXISTS (SELECT 1 FROM task WHERE claimed_by_id = :phone AND kind = :kind "
+            "AND status = 'claimed') OR EXISTS (SELECT 1 FROM task WHERE status = 'pending' "
+            "AND kind = :kind)")
+
 # The phone's own unfinished task if it has one, else whether one is waiting.
 _LOOK_SQL = '''SELECT state, id FROM (
     SELECT * FROM (SELECT 'claimed' AS state, id FROM task WHERE claimed_by_id = :phone
@@ -734,8 +738,11 @@ def claim_next(kind, phone_id, account=None):
     requeues it), so a lost answer is simply handed out again.
     """
     args = {'kind': kind, 'phone': phone_id, 'account': account, 'now': now()}
-    # One read, without the write lock (most polls find nothing): the phone's
-    # own unfinished task if any, else whether there is one to claim.
+    # Reads first, without the write lock: most polls find nothing at all, which
+    # two index probes tell; then the phone's own unfinished task, else whether
+    # one waits for it.
+    if not db.execute_sql(_ANY_SQL, args).fetchone()[0]:
+        return None
     found = db.execute_sql(_LOOK_SQL, args).fetchone()
     if found is None:
         return None

@@ -28,6 +28,7 @@ HOT = [
     ('phone by SIM (every request)', models._PHONE_SELECT + 'WHERE imsi = ? AND iccid = ?', ('a', 'b')),
     ('activity stamp', 'UPDATE phone SET last_seen = ?, last_ip = ? WHERE id = ?', (0, '', 1)),
     ('log line', 'INSERT INTO log (at, phone_id, msg) VALUES (?, ?, ?)', (0, 1, 'x')),
+    ('task poll: anything at all?', models._ANY_SQL, ARGS),
     ('task poll: own or waiting', models._LOOK_SQL, ARGS),
     ('task claim', models._CLAIM_SQL, ARGS),
     ('task completion', 'UPDATE task SET status = ?, done_at = ? WHERE id = ? AND kind = ? AND status != ?',
