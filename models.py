@@ -30,7 +30,6 @@ from peewee import (
 
 PENDING, CLAIMED, DONE, CANCELLED = 'pending', 'claimed', 'done', 'cancelled'
 TASK_STATES = (PENDING, CLAIMED, DONE, CANCELLED)
-FINISHED = {DONE, CANCELLED}
 
 RELEASE, REPLY, COMMENT_REPLY = 'release', 'reply', 'comment_reply'
 TASK_KINDS = (RELEASE, REPLY, COMMENT_REPLY)
