@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -114,6 +115,23 @@ def ok_run(run):
         assert result.exit_code == 0, (result.output, result.stderr if hasattr(result, 'stderr') else '')
         return result
     return invoke
+
+
+def run_threads(count, target, timeout=300):
+    """Run target(0..count-1) in threads at once; any error fails the test here."""
+    errors = []
+
+    def guarded(i):
+        try:
+            target(i)
+        except BaseException as error:  # reported in the main thread
+            errors.append(repr(error))
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not errors, errors[:3]
 
 
 # --------------------------------------------------------------------------

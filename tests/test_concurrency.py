@@ -1,27 +1,12 @@
 """Exclusive hand-out under real concurrency, against a real server on loopback."""
 import json
-import threading
 from collections import Counter
+
+from conftest import run_threads
 
 
 def sim(n):
     return {'imsi': '4600199%08d' % n, 'iccid': '8986019900%010d' % n}
-
-
-def run_threads(count, target):
-    errors = []
-
-    def guarded(i):
-        try:
-            target(i)
-        except BaseException as error:  # reported in the main thread
-            errors.append(error)
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors[:3]
 
 
 def test_twenty_phones_drain_forty_release_tasks_each_handed_out_once(live, tmp_path):

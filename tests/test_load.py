@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from click.testing import CliRunner
 
 import cli
-from conftest import png_like, xhs_command
+from conftest import png_like, run_threads, xhs_command
 
 PHONES = 50
 
@@ -33,22 +33,6 @@ class Operator:
 
     def json(self, *args):
         return json.loads(self(*args, '--json'))
-
-
-def run_threads(count, target):
-    errors = []
-
-    def guarded(i):
-        try:
-            target(i)
-        except BaseException as error:
-            errors.append(repr(error))
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(300)
-    assert not errors, errors[:3]
 
 
 def prepare(server, operator, tmp_path):
