@@ -161,7 +161,7 @@ def json_times(row, *keys):
 json_option = click.option('--json', 'as_json', is_flag=True, help='Print one JSON array, nothing else.')
 
 # Integers the database can hold: ids, limits, priorities, platforms.
-ID = click.IntRange(1, 2 ** 62)
+ID = click.IntRange(1, models.SQL_INT)
 LIMIT = click.IntRange(1, 10 ** 9)
 NUMBER = click.IntRange(-10 ** 9, 10 ** 9)
 
@@ -176,7 +176,7 @@ def parse_when(text, option):
     if when is None:
         raise click.BadParameter('%r is not a time: use "YYYY-MM-DD HH:MM", "7d" (ago) or "+2h" (ahead)'
                                  % text, param_hint=option)
-    if not 946684800 <= when <= 4102444800:
+    if models.plausible_time(when) is None:
         raise click.BadParameter('%r is not between the years 2000 and 2100' % text, param_hint=option)
     return when
 
@@ -188,12 +188,7 @@ def parse_time_text(text):
     if match:
         sign = 1 if match.group(1) == '+' else -1
         return now() + sign * min(int(match.group(2)), 10 ** 9) * UNITS[match.group(3)]
-    for fmt in ('%Y-%m-%d %H:%M:%S', '%Y-%m-%d %H:%M', '%Y-%m-%d', '%Y-%m-%dT%H:%M:%S', '%Y-%m-%dT%H:%M'):
-        try:
-            return time.mktime(time.strptime(text, fmt))
-        except (ValueError, OverflowError):
-            continue
-    return None
+    return models.local_time(text)
 
 
 def find_phone(ref):

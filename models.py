@@ -160,6 +160,27 @@ def now():
     return time.time()
 
 
+SQL_INT = 2 ** 62   # SQLite stores 64-bit integers: anything past this is no id, count or priority
+EARLIEST, LATEST = 946684800, 4102444800   # 2000-01-01 .. 2100-01-01: the times anyone can mean
+TIME_FORMATS = ('%Y-%m-%d %H:%M:%S', '%Y-%m-%d %H:%M', '%Y-%m-%d')
+
+
+def local_time(text):
+    """Epoch seconds of a local `YYYY-MM-DD[ T]HH:MM[:SS]` or date; None when it is none."""
+    text = text.strip().replace('T', ' ')
+    for fmt in TIME_FORMATS:
+        try:
+            return time.mktime(time.strptime(text, fmt))
+        except (ValueError, OverflowError):
+            continue
+    return None
+
+
+def plausible_time(epoch):
+    """The epoch when it falls between the years 2000 and 2100, else None."""
+    return epoch if epoch is not None and EARLIEST <= epoch <= LATEST else None
+
+
 def fmt_time(ts, sep=' '):
     """Local time as `YYYY-MM-DD HH:MM:SS` (or with `T` between), '' for None."""
     if ts is None:

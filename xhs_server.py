@@ -357,15 +357,11 @@ def int_value(p, name, default=None, low=None, high=None):
             raise ApiError(301, MISSING % name)
         return default
     number = whole_number(value)
-    low = -SQL_INT if low is None else low
-    high = SQL_INT if high is None else high
+    low = -models.SQL_INT if low is None else low
+    high = models.SQL_INT if high is None else high
     if number is None or not low <= number <= high:
         raise ApiError(301, INVALID % name)
     return number
-
-
-SQL_INT = 2 ** 62            # SQLite stores 64-bit integers: anything past this is no id or count
-EARLIEST, LATEST = 946684800, 4102444800   # 2000-01-01 .. 2100-01-01: the times phones can mean
 
 
 def whole_number(text):
@@ -391,18 +387,9 @@ def parse_time(value):
     value = value.strip()
     if re.fullmatch(r'\d{1,20}(\.\d{1,9})?', value):
         number = float(value)
-        return sane_time(number / 1000 if number > 1e11 else number)
-    text = value.replace('T', ' ').replace('/', '-')
-    for fmt in ('%Y-%m-%d %H:%M:%S', '%Y-%m-%d %H:%M', '%Y-%m-%d'):
-        try:
-            return sane_time(time.mktime(time.strptime(text[:19], fmt)))
-        except (ValueError, OverflowError):
-            continue
-    return None
-
-
-def sane_time(epoch):
-    return epoch if EARLIEST <= epoch <= LATEST else None
+        return models.plausible_time(number / 1000 if number > 1e11 else number)
+    # Phones add milliseconds or a zone after the seconds, or write the date with '/'.
+    return models.plausible_time(models.local_time(value.replace('/', '-')[:19]))
 
 
 def current_phone(p):
@@ -716,7 +703,7 @@ def get_release_task(p):
 
 
 def task_id_value(p, name='task_id'):
-    return int_value(p, name, low=1, high=2 ** 62)
+    return int_value(p, name, low=1, high=models.SQL_INT)
 
 
 @api('xiaohongshu_biji', 'upload_url')
