@@ -840,27 +840,24 @@ def complete_task(task_id, kind, done_at=None):
     return False
 
 
-def requeue_task(task_id):
-    """Operator: put a claimed (or cancelled) task back in the queue."""
+def move_task(task_id, **changes):
+    """Operator: change a task that is not done yet (a completion always wins)."""
     task = get_task(task_id)
     if task is None:
         raise NotFound()
-    if task['status'] == DONE:
+    updated = Task.update(changes).where((Task.id == task_id) & (Task.status != DONE)).execute()
+    if not updated:
         raise Conflict('task %d is already done' % task_id)
-    Task.update(status=PENDING, claimed_by=None, claimed_at=None).where(
-        (Task.id == task_id) & (Task.status != DONE)).execute()
     return task
+
+
+def requeue_task(task_id):
+    """Operator: put a claimed (or cancelled) task back in the queue."""
+    return move_task(task_id, status=PENDING, claimed_by=None, claimed_at=None)
 
 
 def cancel_task(task_id):
-    task = get_task(task_id)
-    if task is None:
-        raise NotFound()
-    if task['status'] == DONE:
-        raise Conflict('task %d is already done' % task_id)
-    Task.update(status=CANCELLED, done_at=now()).where(
-        (Task.id == task_id) & (Task.status != DONE)).execute()
-    return task
+    return move_task(task_id, status=CANCELLED, done_at=now())
 
 
 # --------------------------------------------------------------------------
