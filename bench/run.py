@@ -704,22 +704,35 @@ def raise_open_files():
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def run_all(mode, tmp):
-    """Every figure's rows, and notes on what the figures alone do not say."""
-    steps = [('throughput', throughput), ('work cycle', work_cycle), ('claim age', claim_age),
-             ('uploads', uploads), ('memory', memory), ('growth', growth)]
+FIGURES = {'throughput': (1, 2, 3), 'cycle': (4,), 'uploads': (5,), 'memory': (6,), 'growth': (7,)}
+
+
+def run_all(mode, tmp, only=None):
+    """Every figure's rows (or those of `only`), and notes on what the figures alone do not say."""
+    steps = [('throughput', 'throughput', throughput), ('cycle', 'work cycle', work_cycle),
+             ('cycle', 'claim age', claim_age), ('uploads', 'uploads', uploads),
+             ('memory', 'memory', memory), ('growth', 'growth', growth)]
     results = {}
-    for name, step in steps:
-        took, results[name] = timed(lambda: step(mode, tmp))
-        print('  %-10s %5.1f s' % (name, took), file=sys.stderr, flush=True)
-    cycle, left = results['work cycle']
-    rows = (throughput_rows(results['throughput']) + cycle_rows(cycle, results['claim age'], mode)
-            + upload_rows(results['uploads']) + memory_rows(results['memory'], mode)
-            + growth_rows(results['growth'], mode))
-    notes = [in_flight_note(results['throughput']),
-             'work cycle: %s release tasks queued, %s still pending at the end'
-             % ('{:,}'.format(mode.queue), '{:,}'.format(left)),
-             'logs query plan: %s' % results['growth']['plan']]
+    for figure, name, step in steps:
+        if only is None or figure in only:
+            took, results[name] = timed(lambda: step(mode, tmp))
+            print('  %-10s %5.1f s' % (name, took), file=sys.stderr, flush=True)
+    rows, notes = [], []
+    if 'throughput' in results:
+        rows += throughput_rows(results['throughput'])
+        notes.append(in_flight_note(results['throughput']))
+    if 'work cycle' in results:
+        cycle, left = results['work cycle']
+        rows += cycle_rows(cycle, results['claim age'], mode)
+        notes.append('work cycle: %s release tasks queued, %s still pending at the end'
+                     % ('{:,}'.format(mode.queue), '{:,}'.format(left)))
+    if 'uploads' in results:
+        rows += upload_rows(results['uploads'])
+    if 'memory' in results:
+        rows += memory_rows(results['memory'], mode)
+    if 'growth' in results:
+        rows += growth_rows(results['growth'], mode)
+        notes.append('logs query plan: %s' % results['growth']['plan'])
     return rows, notes + server_errors(tmp)
 
 
@@ -749,6 +762,10 @@ def main():
     parser = argparse.ArgumentParser(description='Benchmark xhs-server and print one table.')
     parser.add_argument('--quick', action='store_true', help='1 run per figure, short durations')
     parser.add_argument('--keep', action='store_true', help='keep the temporary folder (databases, logs)')
+    parser.add_argument('--only', action='append', choices=sorted(FIGURES), metavar='PART',
+                        help='run only this part (repeatable): %s' % ', '.join(
+                            '%s (figure %s)' % (name, ', '.join(map(str, numbers)))
+                            for name, numbers in FIGURES.items()))
     parser.add_argument('--time-logs-query', nargs=2, metavar=('DB', 'PHONE'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.time_logs_query:
@@ -762,7 +779,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix='xhs-bench-')
     try:
         print('running (%s); temporary files in %s' % ('quick' if args.quick else 'full', tmp), file=sys.stderr)
-        rows, notes = run_all(mode, tmp)
+        rows, notes = run_all(mode, tmp, args.only)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
