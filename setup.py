@@ -13,6 +13,7 @@ setup(
         'peewee>=4.5.2,<5',
         'click>=8.1,<9',
         'cheroot>=10,<12',
+        'pybase64>=1.3,<2',
     ],
     extras_require={
         'test': ['pytest>=8', 'webtest>=3', 'hypothesis>=6.100'],

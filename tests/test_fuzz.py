@@ -126,3 +126,28 @@ def test_database_is_consistent_after_the_fuzzing(fuzz_app):
         assert bad_phones == 0
     finally:
         check.close()
+
+
+# A long form value is percent-decoded by a fast path (binascii's quoted-printable
+# decoder); it must read every text exactly as a form decoder does, bad escapes included.
+escapes = st.lists(st.one_of(
+    st.sampled_from(['%2B', '%2f', '%3D', '%25', '%E4%B8%AD', '%', '%%', '%=', '%2', '%G1', '%2%41',
+                     '%\n', '%\r', '=', '==', '=3D', '=\r\n', '\n', '\r', '+', 'A', 'z', '9', '中']),
+    st.text(alphabet='AZaz09+/%=', max_size=6)), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(escapes, st.integers(0, 7))
+def test_long_form_value_decodes_like_a_form_decoder(fuzz_app, pieces, where):
+    import urllib.parse
+    app, _ = fuzz_app
+    filler = 'QUJD%2B%2F' * 500  # over the fast path's 4 kB threshold
+    text = ''.join(pieces)
+    value = [text + filler, filler + text, filler + text + filler, text * 200 + filler,
+             filler + '%3D', filler + '%3d=', filler + text + '%3D%3D', filler + '%3D' + text][where]
+    body = ('imsi=%s&iccid=%s&log_msg=' % (GOOD['imsi'], GOOD['iccid'])).encode() + value.encode()
+    res = app.post('/xhs_phone_log/add', body, content_type='application/x-www-form-urlencoded')
+    assert json.loads(res.body)['code'] == 200
+    expected = urllib.parse.unquote_plus(value, errors='replace').strip()  # values are stripped
+    stored = models.db.execute_sql('SELECT msg FROM log ORDER BY id DESC LIMIT 1').fetchone()[0]
+    assert stored == expected
