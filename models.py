@@ -509,17 +509,35 @@ def _phone_row(cursor):
     return dict(zip(PHONE_COLUMNS, row)) if row else None
 
 
-def find_phone_by_sim(imsi, iccid):
-    return _phone_row(db.execute_sql(_PHONE_SELECT + 'WHERE imsi = ? AND iccid = ?', (imsi, iccid)))
+# The phone's row and, for a task poll, whether a claim could find anything: a
+# task of the kind it holds unfinished, or one pending. Most polls find nothing,
+# and this tells them in the statement that finds the phone.
+_PHONE_WAITING_SELECT = (
+    'SELECT %s, EXISTS (SELECT 1 FROM task WHERE claimed_by_id = phone.id AND kind = ? '
+    "AND status = 'claimed') OR EXISTS (SELECT 1 FROM task WHERE status = 'pending' AND kind = ?) "
+    'FROM phone ' % ', '.join(PHONE_COLUMNS))
+
+
+def find_phone_by_sim(imsi, iccid, waiting=None):
+    """The phone with this SIM; with `waiting` (a task kind), its row says under 'waiting'
+    whether a task of that kind may be there for it."""
+    if waiting is None:
+        return _phone_row(db.execute_sql(_PHONE_SELECT + 'WHERE imsi = ? AND iccid = ?', (imsi, iccid)))
+    row = db.execute_sql(_PHONE_WAITING_SELECT + 'WHERE imsi = ? AND iccid = ?',
+                         (waiting, waiting, imsi, iccid)).fetchone()
+    return dict(zip(PHONE_COLUMNS + ('waiting',), row)) if row else None
 
 
 def find_phone_by_mac(mac):
     return _phone_row(db.execute_sql(_PHONE_SELECT + 'WHERE mac = ? AND imsi IS NULL', (mac,)))
 
 
-def phone_for(imsi=None, iccid=None, mac=None, phone_type=None, approved=True):
-    """The phone with this SIM (or, with no SIM, this MAC), registered on first sight."""
-    find = (lambda: find_phone_by_sim(imsi, iccid)) if imsi else (lambda: find_phone_by_mac(mac))
+def phone_for(imsi=None, iccid=None, mac=None, phone_type=None, approved=True, waiting=None):
+    """The phone with this SIM (or, with no SIM, this MAC), registered on first sight.
+
+    `waiting`: a task kind, for find_phone_by_sim (SIM phones only).
+    """
+    find = (lambda: find_phone_by_sim(imsi, iccid, waiting)) if imsi else (lambda: find_phone_by_mac(mac))
     phone = find()
     if phone is None:
         db.execute_sql(
@@ -731,10 +749,6 @@ _NEXT_SQL = '''SELECT id FROM (
           AND target_account IS NULL AND run_at <= :now ORDER BY priority DESC, id LIMIT 1)
     ) ORDER BY grp, priority DESC, id LIMIT 1'''
 
-_ANY_SQL = ("SELECT EXISTS (SELECT 1 FROM task WHERE claimed_by_id = :phone AND kind = :kind "
-            "AND status = 'claimed') OR EXISTS (SELECT 1 FROM task WHERE status = 'pending' "
-            "AND kind = :kind)")
-
 # The phone's own unfinished task if it has one, else whether one is waiting.
 _LOOK_SQL = '''SELECT state, id FROM (
     SELECT * FROM (SELECT 'claimed' AS state, id FROM task WHERE claimed_by_id = :phone
@@ -755,14 +769,13 @@ def claim_next(kind, phone_id, account=None):
     """The phone's unfinished task of this kind, or the next one, now claimed by it.
 
     A claimed task stays the phone's until it is reported done (or the operator
-    requeues it), so a lost answer is simply handed out again.
+    requeues it), so a lost answer is simply handed out again. Polls ask
+    find_phone_by_sim(waiting=kind) first, which tells most of them there is
+    nothing to claim.
     """
     args = {'kind': kind, 'phone': phone_id, 'account': account, 'now': now()}
-    # Reads first, without the write lock: most polls find nothing at all, which
-    # two index probes tell; then the phone's own unfinished task, else whether
-    # one waits for it.
-    if not db.execute_sql(_ANY_SQL, args).fetchone()[0]:
-        return None
+    # Reads first, without the write lock: the phone's own unfinished task,
+    # else whether one waits for it.
     found = db.execute_sql(_LOOK_SQL, args).fetchone()
     if found is None:
         return None

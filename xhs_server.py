@@ -431,12 +431,15 @@ def parse_time(value):
     return models.plausible_time(models.local_time(value.replace('/', '-')[:19]))
 
 
-def current_phone(p):
-    """The calling phone by its SIM, registered on first sight; refused while unapproved."""
+def current_phone(p, waiting=None):
+    """The calling phone by its SIM, registered on first sight; refused while unapproved.
+
+    `waiting`: a task kind; the row then says whether one may be there for it.
+    """
     imsi, iccid = need_sim(p)
     mac, _ = mac_value(p.get('macaddr'))
     phone = models.phone_for(imsi, iccid, mac=mac, phone_type=phone_type_value(p),
-                             approved=not app.config['xhs.approve_new'])
+                             approved=not app.config['xhs.approve_new'], waiting=waiting)
     require_approved(phone)
     models.touch(phone, request.environ.get('REMOTE_ADDR'))
     return phone
@@ -451,8 +454,10 @@ def optional_phone(p):
 
 def next_task(p, kind):
     """The calling phone's next task of this kind; none for a phone set offline."""
-    phone = current_phone(p)
-    return None if phone['offline'] else models.claim_next(kind, phone['id'], phone['xhs_id'])
+    phone = current_phone(p, waiting=kind)
+    if phone['offline'] or not phone['waiting']:
+        return None
+    return models.claim_next(kind, phone['id'], phone['xhs_id'])
 
 
 @contextmanager
