@@ -1121,8 +1121,19 @@ def make_server(host, port, threads=24, timeout=60):
             environ['xhs.request'] = self.req
             return environ
 
-    server = wsgi.Server((host, port), wsgi_app, numthreads=threads, timeout=timeout,
-                         request_queue_size=1024, server_name='xhs-server')
+    class Server(wsgi.Server):
+        def process_conn(self, conn):
+            # cheroot hands a new connection straight to a worker, which then
+            # waits for its first bytes. It waits in the selector instead (put()
+            # passes it on at once when bytes are already there), so clients
+            # that connect and say nothing yet do not hold the workers.
+            if conn.last_used is None:
+                self._connections.put(conn)
+            else:
+                super().process_conn(conn)
+
+    server = Server((host, port), wsgi_app, numthreads=threads, timeout=timeout,
+                    request_queue_size=1024, server_name='xhs-server')
     server.gateway = Gateway
     server.max_request_body_size = 0  # the app enforces the limit and answers with the envelope
     # Headers and request line: room for a screenshot sent in a query string, no more.

@@ -226,6 +226,24 @@ def test_slow_upload_with_a_pause_while_others_are_served(live):
         sock.close()
 
 
+def test_connections_that_say_nothing_hold_no_worker(live):
+    """More silent connections than worker threads (24): other phones are answered at once."""
+    server = live()
+    silent = [socket.create_connection(('127.0.0.1', server.port), timeout=10) for _ in range(60)]
+    time.sleep(0.5)   # the server has accepted them all
+    latencies = []
+    for _ in range(10):
+        started = time.monotonic()
+        assert server.call('/xhs_phone_log/add', dict(SIM, log_msg='meanwhile'))['code'] == 200
+        latencies.append(time.monotonic() - started)
+    assert max(latencies) < 2, latencies
+    # A silent connection is still served when it speaks.
+    silent[0].sendall(b'GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+    assert read_answer(silent[0])['code'] == 200
+    for sock in silent:
+        sock.close()
+
+
 # --------------------------------------------------------------------------
 # Resent requests
 # --------------------------------------------------------------------------
