@@ -40,6 +40,7 @@ REPO = os.path.dirname(BENCH)
 PHONES = 300              # registered phones the load comes from
 CONNECTIONS = (50, 200)   # keep-alive connections of each wrk run
 WRK_THREADS = 2
+PACE_MS = 500             # paced runs: each connection waits 0..500 ms (mean 250) between requests
 IDLE_CONNECTIONS = 500
 SCREENSHOT_BYTES = 3_000_000   # decoded; its base64 is ~4 MB
 MEMORY_IMAGE_BYTES = 1_000_000
@@ -324,6 +325,10 @@ def phone_load(url, connections, duration, method, path, params=''):
     return wrk(url, 'phones.lua', connections, duration, method, path, PHONES, params)
 
 
+def paced_load(url, connections, duration, path, params=''):
+    return wrk(url, 'paced.lua', connections, duration, 'GET', path, PHONES, params, PACE_MS)
+
+
 def warm_up(*urls):
     for url in urls:
         phone_load(url, max(CONNECTIONS), 1, 'GET', WORK_STATUS, 'phone_type=2')
@@ -351,6 +356,11 @@ def throughput_round(ceiling_url, server_url, duration):
         runs['ceiling', conns] = phone_load(ceiling_url, conns, duration, 'GET', WORK_STATUS, 'phone_type=2')
         for name, method, path, params in server_loads():
             runs[name, conns] = phone_load(server_url, conns, duration, method, path, params)
+    # Latency at the pace of a fleet (not flat out): the most connections, each paused between polls.
+    conns = max(CONNECTIONS)
+    runs['ceiling', 'paced'] = paced_load(ceiling_url, conns, duration, WORK_STATUS, 'phone_type=2')
+    for name, path, params in POLLS:
+        runs[name, 'paced'] = paced_load(server_url, conns, duration, path, params)
     return runs
 
 
@@ -608,16 +618,21 @@ def throughput_rows(rounds):
         writes = name == 'log add'
         for conns in CONNECTIONS:
             key, base = (name, conns), ('ceiling', conns)
-            fraction, p99 = share(rounds, key, base), across(rounds, key, 'p99')
+            fraction = share(rounds, key, base)
             failed = sum(r[key]['failed'] for r in rounds)
             if writes:
                 target, passed = '>= 40 % of ceiling, 0 failed', fraction >= 0.40 and failed == 0
             else:
-                slow = conns == 200
-                target = '>= 60 % of ceiling' + (', p99 < 100 ms' if slow else '')
-                passed = fraction >= 0.60 and (not slow or p99 < 100)
+                target, passed = '>= 60 % of ceiling', fraction >= 0.60
             figure = ('3 Write: ' if writes else '2 Poll: ') + name
             rows.append((figure[0], figure[2:], conns, load_text(rounds, key, base), target, verdict(passed)))
+    conns = max(CONNECTIONS)
+    for name in ['ceiling'] + [poll[0] for poll in POLLS]:
+        key = (name, 'paced')
+        p99 = across(rounds, key, 'p99')
+        title = ('1 Ceiling' if name == 'ceiling' else '2 Poll: ' + name) + ', paced'
+        rows.append((title[0], title[2:], conns, load_text(rounds, key), '' if name == 'ceiling' else 'p99 < 100 ms',
+                     '' if name == 'ceiling' else verdict(p99 < 100)))
     return rows
 
 
@@ -737,12 +752,12 @@ def run_all(mode, tmp, only=None):
 
 
 def in_flight_note(rounds):
-    """Little's law: wrk keeps every connection busy, so latency is connections / throughput."""
+    """Little's law: flat out, wrk keeps every connection busy, so latency is connections / throughput."""
     conns = max(CONNECTIONS)
     mean = 1000 * conns / across(rounds, ('ceiling', conns), 'rps')
-    return ('wrk keeps %d requests in flight: even the ceiling\'s mean latency there is %d / its req/s '
-            '= %.0f ms, so p99 < 100 ms at %d connections is out of reach even for the ceiling here'
-            % (conns, conns, mean, conns))
+    return ('flat out, wrk keeps %d requests in flight: even the ceiling\'s mean latency there is %d / its '
+            'req/s = %.0f ms; the p99 target is judged on the paced rows, where each connection waits '
+            '0-%d ms between requests as a polling phone does' % (conns, conns, mean, PACE_MS))
 
 
 def server_errors(tmp):
