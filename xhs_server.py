@@ -1132,6 +1132,20 @@ def make_server(host, port, threads=24, timeout=60):
             else:
                 super().process_conn(conn)
 
+        keep_alive_checked, keep_alive_allowed = 0.0, True
+
+        @property
+        def can_add_keepalive_connection(self):
+            # cheroot counts the open connections, under its selector's lock, for
+            # every answer: a sixth of the time a poll holds the GIL. Counting
+            # every 100 ms enforces keep_alive_conn_limit as well, give or take
+            # the connections of 100 ms.
+            now = time.monotonic()
+            if now - self.keep_alive_checked > 0.1:
+                self.keep_alive_allowed = super().can_add_keepalive_connection
+                self.keep_alive_checked = now
+            return self.ready and self.keep_alive_allowed
+
     server = Server((host, port), wsgi_app, numthreads=threads, timeout=timeout,
                     request_queue_size=1024, server_name='xhs-server')
     server.gateway = Gateway
