@@ -156,13 +156,14 @@ def json_text(value):
 
 
 def unquote(raw):
-    """Form-decode bytes (`+` is a space, `%XX` a byte); fast for megabytes of base64."""
+    """Form-decode bytes (`+` is a space, `%XX` a byte), in C for the common case."""
     raw = raw.replace(b'+', b' ')
     if b'%' not in raw:
         return raw
-    if len(raw) >= 4096 and b'\r' not in raw and b'\n' not in raw and b'%' not in raw[-2:]:
-        # A screenshot has a hundred thousand escapes: binascii's C decoder of
-        # quoted-printable (=XX) does them, literal '=' escaped first. Where it
+    if b'\r' not in raw and b'\n' not in raw and b'%' not in raw[-2:]:
+        # A screenshot has a hundred thousand escapes, a Chinese log line
+        # hundreds: binascii's C decoder of quoted-printable (=XX) does them
+        # (urllib's is Python), literal '=' escaped first. Where it
         # reads a text differently from a form decoder (a '%' not followed by
         # two hex digits) it leaves a '='; line breaks (soft breaks to it) and
         # a '%' in the last two bytes (dropped by it) are kept off this path.
