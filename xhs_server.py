@@ -155,39 +155,67 @@ def json_text(value):
     return json.dumps(value, ensure_ascii=False)
 
 
-def unquote(raw):
-    """Form-decode bytes (`+` is a space, `%XX` a byte), in C for the common case."""
-    raw = raw.replace(b'+', b' ')
-    if b'%' not in raw:
-        return raw
-    if b'\r' not in raw and b'\n' not in raw and b'%' not in raw[-2:]:
+# Form values are decoded a piece at a time: the pieces stay in the CPU's cache,
+# and a screenshot's megabytes are not copied whole at every step.
+DECODE_PIECE = 64 * 1024
+
+
+def form_text(data, start, end):
+    """data[start:end] form-decoded (`+` is a space, `%XX` a byte) into text."""
+    if data.find(b'%', start, end) < 0:
+        if data.find(b'+', start, end) < 0:
+            return decode_text(memoryview(data)[start:end])   # no copy before the text
+        return decode_text(data[start:end].replace(b'+', b' '))
+    return decode_text(unquote(data, start, end))
+
+
+def unquote(data, start, end):
+    """data[start:end] form-decoded into bytes, in C for the common case."""
+    if (data.find(b'\r', start, end) < 0 and data.find(b'\n', start, end) < 0
+            and data.find(b'%', max(start, end - 2), end) < 0):
         # A screenshot has a hundred thousand escapes, a Chinese log line
         # hundreds: binascii's C decoder of quoted-printable (=XX) does them
-        # (urllib's is Python), literal '=' escaped first. Where it
-        # reads a text differently from a form decoder (a '%' not followed by
-        # two hex digits) it leaves a '='; line breaks (soft breaks to it) and
-        # a '%' in the last two bytes (dropped by it) are kept off this path.
-        decoded = binascii.a2b_qp(raw.replace(b'=', b'=3D').replace(b'%', b'='))
-        if escaped_equals_only(raw, decoded):
-            return decoded
-    return urllib.parse.unquote_to_bytes(raw)
+        # (urllib's is Python), literal '=' escaped first. Where it reads a
+        # text differently from a form decoder (a '%' not followed by two hex
+        # digits) it leaves a '='; line breaks (soft breaks to it) and a '%'
+        # in the last two bytes (dropped by it) are kept off this path.
+        plus, equals = data.find(b'+', start, end) >= 0, data.find(b'=', start, end) >= 0
+        pieces, at = [], start
+        while at < end:
+            stop = min(at + DECODE_PIECE, end)
+            cut = data.find(b'%', max(at + 1, stop - 2), stop) if stop < end else -1
+            if cut >= 0:   # no escape may straddle two pieces, nor end one
+                stop = cut
+                if data.find(b'%', max(at, stop - 2), stop) >= 0:
+                    break   # a run of '%': not for this path
+            piece = data[at:stop]
+            if plus:
+                piece = piece.replace(b'+', b' ')
+            if equals:
+                piece = piece.replace(b'=', b'=3D')
+            pieces.append(binascii.a2b_qp(piece.replace(b'%', b'=')))
+            at = stop
+        else:
+            decoded = b''.join(pieces)
+            if escaped_equals_only(data, start, end, decoded):
+                return decoded
+    return urllib.parse.unquote_to_bytes(data[start:end].replace(b'+', b' '))
 
 
-def escaped_equals_only(raw, decoded):
-    """Whether every '=' in `decoded` is one `raw` ends with as '=' or '%3D' (base64 padding).
-
-    Any other '=' may be the mark of an escape the fast path misread.
+def escaped_equals_only(data, start, end, decoded):
+    """Whether every '=' in `decoded` is one data[start:end] ends with as '=' or '%3D'
+    (base64 padding). Any other '=' may be the mark of an escape the fast path misread.
     """
     first = decoded.find(b'=')
     if first < 0:
         return True
-    count, end = len(decoded) - first, len(raw)
+    count = len(decoded) - first
     if count > 2:
         return False
     for _ in range(count):
-        if raw.endswith(b'=', 0, end):
+        if data.endswith(b'=', start, end):
             end -= 1
-        elif raw[end - 3:end] in (b'%3D', b'%3d'):
+        elif data[end - 3:end] in (b'%3D', b'%3d'):
             end -= 3
         else:
             return False
@@ -195,20 +223,22 @@ def escaped_equals_only(raw, decoded):
 
 
 def parse_urlencoded(data, params):
-    # Sliced by position, so a screenshot's megabytes are copied once, not per split.
     start, size = 0, len(data)
     while start < size:
         end = data.find(b'&', start)
         end = size if end < 0 else end
         if end > start:
             equals = data.find(b'=', start, end)
-            name, value = (data[start:equals], data[equals + 1:end]) if equals >= 0 else (data[start:end], b'')
-            params.add(decode_text(unquote(name)), decode_text(unquote(value)))
+            if equals < 0:
+                params.add(form_text(data, start, end), '')
+            else:
+                params.add(form_text(data, start, equals), form_text(data, equals + 1, end))
         start = end + 1
 
 
 def decode_text(raw):
-    return raw.decode('utf-8', 'replace')
+    """Bytes (or a memoryview of them) as text; bad UTF-8 becomes U+FFFD."""
+    return str(raw, 'utf-8', 'replace')
 
 
 def parse_multipart(body, content_type, params):
@@ -216,7 +246,6 @@ def parse_multipart(body, content_type, params):
     if not match:
         raise ApiError(301, '请求格式无效: multipart 缺少 boundary')
     delimiter = b'--' + match.group(1).encode('latin-1')
-    # Sliced by position, so a screenshot's megabytes are copied once, not per split.
     start = body.find(delimiter)
     while start >= 0:
         start += len(delimiter)
@@ -231,7 +260,7 @@ def parse_multipart(body, content_type, params):
         if name:
             first = head_end + gap
             if stop - first >= 2 and body.startswith(b'\r\n', stop - 2):
-                value = body[first:stop - 2]
+                value = memoryview(body)[first:stop - 2]   # no copy before the text
             else:
                 value = body[first:stop].rstrip(b'\n')
             params.add(decode_text(name.group(1)), decode_text(value))
@@ -497,32 +526,33 @@ def image_urls(images_json):
 # Images
 # --------------------------------------------------------------------------
 
-# URL-safe alphabet to standard; a space is a '+' that was sent unescaped.
-_STANDARD = bytes.maketrans(b'-_ ', b'+/+')
-_BREAKS = b'\r\n\t\x0b\x0c'
-_DATA_PREFIX = re.compile(rb'^data:[^,]{0,100};base64,', re.I)
+# URL-safe alphabet to standard; a space is a '+' that was sent unescaped; line
+# breaks and other whitespace go.
+_STANDARD = str.maketrans('-_ ', '+/+', '\r\n\t\x0b\x0c')
+_DATA_PREFIX = re.compile(r'^data:[^,]{0,100};base64,', re.I)
 
 
 def decode_image(value, field='img_base64_data'):
-    """Bytes of a base64 image in any of the variants phones send (API.md §3)."""
-    try:
-        raw = value.encode('ascii')
-    except UnicodeEncodeError:
-        raise ApiError(301, INVALID % field) from None
-    if raw[:5].lower() == b'data:':
-        raw = _DATA_PREFIX.sub(b'', raw, count=1)
-    if any(char in raw for char in (b'-', b'_', b' ', b'\n', b'\r', b'\t', b'\x0b', b'\x0c')):
-        raw = raw.translate(_STANDARD, _BREAKS)
-    if len(raw) % 4:   # padding missing (or wrong): restore it; a padded body is used as is
-        raw = raw.rstrip(b'=')
-        if len(raw) % 4 == 1:
+    """Bytes of a base64 image in any of the variants phones send (API.md §3).
+
+    Works on the text as parsed (pybase64 reads ASCII text without a copy).
+    """
+    if not value.isascii():
+        raise ApiError(301, INVALID % field)
+    if value[:5].lower() == 'data:':
+        value = _DATA_PREFIX.sub('', value, count=1)
+    if any(char in value for char in '-_ \n\r\t\x0b\x0c'):
+        value = value.translate(_STANDARD)
+    if len(value) % 4:   # padding missing (or wrong): restore it; a padded body is used as is
+        value = value.rstrip('=')
+        if len(value) % 4 == 1:
             raise ApiError(301, INVALID % field)
-        raw += b'=' * (-len(raw) % 4)
+        value += '=' * (-len(value) % 4)
     limit = models.settings()['max_image_mb'] * 1024 * 1024
-    if len(raw) * 3 // 4 > limit + 2:
+    if len(value) * 3 // 4 > limit + 2:
         raise ApiError(413, '图片过大')
     try:
-        data = pybase64.b64decode(raw, validate=True)
+        data = pybase64.b64decode(value, validate=True)
     except binascii.Error:
         raise ApiError(301, INVALID % field) from None
     if models.image_type(data) is None:

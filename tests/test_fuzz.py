@@ -136,11 +136,13 @@ escapes = st.lists(st.one_of(
     st.text(alphabet='AZaz09+/%=', max_size=6)), min_size=1, max_size=40)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(escapes, st.integers(0, 8))
-def test_form_value_decodes_like_a_form_decoder(fuzz_app, pieces, where):
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(escapes, st.integers(0, 8), st.sampled_from([3, 4, 5, 7, 64, xhs_server.DECODE_PIECE]))
+def test_form_value_decodes_like_a_form_decoder(fuzz_app, monkeypatch, pieces, where, piece):
+    """Also with the decoder's pieces a few bytes long, so escapes meet their edges."""
     import urllib.parse
     app, _ = fuzz_app
+    monkeypatch.setattr(xhs_server, 'DECODE_PIECE', piece)
     filler = 'QUJD%2B%2F' * 500  # megabytes of base64 look like this
     text = ''.join(pieces)
     value = [text, text + filler, filler + text, filler + text + filler, text * 200 + filler,
