@@ -535,31 +535,40 @@ _DATA_PREFIX = re.compile(r'^data:[^,]{0,100};base64,', re.I)
 def decode_image(value, field='img_base64_data'):
     """Bytes of a base64 image in any of the variants phones send (API.md §3).
 
-    Works on the text as parsed (pybase64 reads ASCII text without a copy).
+    Works on the text as parsed (pybase64 reads ASCII text without a copy),
+    and tries it as standard padded base64 first, the way most phones send it.
     """
     if not value.isascii():
         raise ApiError(301, INVALID % field)
     if value[:5].lower() == 'data:':
         value = _DATA_PREFIX.sub('', value, count=1)
-    if any(char in value for char in '-_ \n\r\t\x0b\x0c'):
-        value = value.translate(_STANDARD)
-    if len(value) % 4:   # padding missing (or wrong): restore it; a padded body is used as is
-        value = value.rstrip('=')
-        if len(value) % 4 == 1:
-            raise ApiError(301, INVALID % field)
-        value += '=' * (-len(value) % 4)
-    limit = models.settings()['max_image_mb'] * 1024 * 1024
-    if len(value) * 3 // 4 > limit + 2:
-        raise ApiError(413, '图片过大')
     try:
-        data = pybase64.b64decode(value, validate=True)
+        data = pybase64.b64decode(value, validate=True) if len(value) % 4 == 0 else None
     except binascii.Error:
-        raise ApiError(301, INVALID % field) from None
+        data = None
+    if data is None:
+        data = decode_variant(value, field)
+    if len(data) > models.settings()['max_image_mb'] * 1024 * 1024:
+        raise ApiError(413, '图片过大')   # the body limit bounded the decoding
     if models.image_type(data) is None:
         raise ApiError(301, INVALID % field + ' (不是 PNG/JPEG/WebP/GIF 图片)')
     if not models.image_complete(data):
         raise ApiError(301, INVALID % field + ' (图片不完整)')
     return data
+
+
+def decode_variant(value, field):
+    """Base64 in the URL-safe alphabet, with breaks or spaces in it, or unpadded."""
+    value = value.translate(_STANDARD)
+    if len(value) % 4:   # padding missing (or wrong): restore it; a padded body is used as is
+        value = value.rstrip('=')
+        if len(value) % 4 == 1:
+            raise ApiError(301, INVALID % field)
+        value += '=' * (-len(value) % 4)
+    try:
+        return pybase64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise ApiError(301, INVALID % field) from None
 
 
 def save_images(values):

@@ -18,7 +18,7 @@ import pytest
 
 import models
 import xhs_server
-from conftest import PHONE_A, PHONE_B, b64, sample
+from conftest import PHONE_A, PHONE_B, b64, png_like, sample
 
 PHONE_C = {'imsi': '460011234567803', 'iccid': '89860112345678901203'}
 HOST = '192.168.1.10:8000'
@@ -1587,6 +1587,16 @@ def test_image_over_the_limit_answers_413(app, ok_run, path):
     assert media_files() == []
     small = post_json(app, path, dict(PHONE_A, name='x', img_base64_data=b64('note.png')))
     assert small['code'] == 200
+
+
+def test_image_limit_counts_decoded_bytes_whatever_the_line_breaks(app, ok_run):
+    """Exactly max_image_mb decoded is accepted in the 76-column variant; a byte more is not."""
+    ok_run('settings', 'max_image_mb', '1')
+    for size, code in ((1024 * 1024 + 1, 413), (1024 * 1024, 200)):
+        image = png_like(b'\0' * (size - len(png_like(b''))))
+        wrapped = base64.encodebytes(image).decode()   # a line break every 76 characters
+        body = post_json(app, DM_SHOT, dict(PHONE_A, name='x', img_base64_data=wrapped))
+        assert body['code'] == code, (size, body)
 
 
 def test_body_over_max_body_answers_413_envelope(app, ok_run):
