@@ -237,10 +237,12 @@ def main(ctx, db_path, data_dir):
               help='Address to listen on. 0.0.0.0 serves every interface, so phones on the LAN '
                    'can reach it; 127.0.0.1 keeps it to this machine.')
 @click.option('--port', default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option('--threads', default=24, show_default=True, type=click.IntRange(2, 1000),
-              help='Worker threads: each busy request (a slow upload included) holds one; idle '
-                   'keep-alive connections hold none. More threads than needed only fight over '
-                   'Python\'s lock.')
+@click.option('--threads', default=8, show_default=True, type=click.IntRange(2, 1000),
+              help='Workers answering requests. Idle keep-alive connections hold none; a worker '
+                   'waiting on a phone\'s upload is replaced meanwhile (up to --max-threads). '
+                   'More than needed only take turns at Python\'s lock.')
+@click.option('--max-threads', default=64, show_default=True, type=click.IntRange(2, 4000),
+              help='Most workers in all, those waiting on slow uploads included.')
 @click.option('--timeout', default=60, show_default=True, type=click.IntRange(5, 3600),
               help='Seconds a phone may stay silent mid-request (slow uploads on Wi-Fi).')
 @click.option('--token', envvar='XHS_TOKEN', default=None,
@@ -258,8 +260,8 @@ def main(ctx, db_path, data_dir):
 @click.option('--monitor-interval', default=15.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help='Seconds between background checks (activity history, alerts, retention).')
 @click.pass_context
-def serve(ctx, host, port, threads, timeout, token, allow, approve_new, busy_timeout, access_log,
-          alert_webhook, monitor_interval):
+def serve(ctx, host, port, threads, max_threads, timeout, token, allow, approve_new, busy_timeout,
+          access_log, alert_webhook, monitor_interval):
     """Run the phone API (cheroot) until Ctrl-C or SIGTERM.
 
     Example: xhs-server serve --port 8000
@@ -267,6 +269,8 @@ def serve(ctx, host, port, threads, timeout, token, allow, approve_new, busy_tim
     import xhs_server
     if alert_webhook and not models.is_http_url(alert_webhook):
         raise click.BadParameter('must be an http(s) URL', param_hint='--alert-webhook')
+    if max_threads < threads:
+        raise click.BadParameter('must be at least --threads (%d)' % threads, param_hint='--max-threads')
     open_db(ctx, busy_timeout)
     try:
         xhs_server.configure(token=token, allow=list(allow) or None, approve_new=approve_new,
@@ -274,7 +278,7 @@ def serve(ctx, host, port, threads, timeout, token, allow, approve_new, busy_tim
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint='--allow') from None
     xhs_server.setup_logging()
-    server = xhs_server.make_server(host, port, threads=threads, timeout=timeout)
+    server = xhs_server.make_server(host, port, threads=threads, max_threads=max_threads, timeout=timeout)
 
     def ready(bind_addr):
         shown = xhs_server.lan_address() if host in ('0.0.0.0', '::') else host

@@ -6,11 +6,12 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 import urllib.parse
 
-from conftest import b64, png_like
+from conftest import b64, png_like, xhs_command
 
 SIM = {'imsi': '460011234567801', 'iccid': '89860112345678901201'}
 
@@ -226,8 +227,57 @@ def test_slow_upload_with_a_pause_while_others_are_served(live):
         sock.close()
 
 
+def thread_count(pid):
+    return len(os.listdir('/proc/%d/task' % pid))
+
+
+def test_workers_waiting_on_uploads_are_replaced_then_let_go(live):
+    """Two workers, five phones pausing mid-upload: the others are still answered at once,
+    every upload is stored when it ends, and the extra workers leave afterwards."""
+    server = live(['--threads', '2', '--max-threads', '12'])
+    assert server.call('/xhs_phone_log/add', dict(SIM, log_msg='warm'))['code'] == 200
+    resting = thread_count(server.proc.pid)
+    bodies = [urllib.parse.urlencode(dict(SIM, name='慢速%d' % k, img_base64_data=base64.b64encode(
+        png('pool%d' % k, 300000)).decode())).encode() for k in range(5)]
+    uploads = []
+    for body in bodies:
+        sock = socket.create_connection(('127.0.0.1', server.port), timeout=60)
+        sock.sendall(post_head('/xiaohongshu_direct_essages/save_screenshots', len(body)))
+        sock.sendall(body[:len(body) // 2])   # and then the phone's Wi-Fi stalls
+        uploads.append(sock)
+    time.sleep(0.5)
+    waiting = thread_count(server.proc.pid)
+    assert waiting >= resting + 5, (resting, waiting)
+    latencies = []
+    for _ in range(10):
+        started = time.monotonic()
+        assert server.call('/xhs_phone_log/add', dict(SIM, log_msg='meanwhile'))['code'] == 200
+        latencies.append(time.monotonic() - started)
+    assert max(latencies) < 1, latencies
+    for sock, body in zip(uploads, bodies):
+        sock.sendall(body[len(body) // 2:])
+    keys = set()
+    for sock in uploads:
+        answer = read_answer(sock)
+        assert answer['code'] == 200, answer
+        keys.add(answer['data']['key'])
+        sock.close()
+    assert len(keys) == 5
+    deadline = time.monotonic() + 20
+    while thread_count(server.proc.pid) > resting and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert thread_count(server.proc.pid) == resting
+
+
+def test_max_threads_below_threads_is_refused(tmp_path):
+    result = subprocess.run(xhs_command() + ['--db', str(tmp_path / 'x.db'), 'serve', '--threads', '9',
+                                             '--max-threads', '4'], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert 'must be at least --threads (9)' in result.stderr and 'Traceback' not in result.stderr
+
+
 def test_connections_that_say_nothing_hold_no_worker(live):
-    """More silent connections than worker threads (24): other phones are answered at once."""
+    """More silent connections than worker threads (8): other phones are answered at once."""
     server = live()
     silent = [socket.create_connection(('127.0.0.1', server.port), timeout=10) for _ in range(60)]
     time.sleep(0.5)   # the server has accepted them all
