@@ -1221,6 +1221,9 @@ class Workers:
             self.thread.join(5)
 
 
+ACCEPT_BATCH = 256   # new connections taken in one turn of the selector loop, at most
+
+
 def make_server(host, port, threads=8, max_threads=64, timeout=60):
     """A cheroot server for the app, tuned for a few hundred phones on Wi-Fi.
 
@@ -1240,6 +1243,24 @@ def make_server(host, port, threads=8, max_threads=64, timeout=60):
         def prepare(self):
             super().prepare()
             self.workers.thread.start()
+            # cheroot takes one new connection per turn of its selector loop, and
+            # a turn under load waits for Python's lock: 200 phones connecting at
+            # once waited up to 2 s for their first answer. Every connection
+            # waiting in the backlog is taken at once instead; the listening
+            # socket no longer blocks, so the last accept() finds none and returns.
+            self.socket.setblocking(False)
+            manager = self._connections
+            accept = manager._from_server_socket
+
+            def accept_waiting(server_socket):
+                first = accept(server_socket)
+                for _ in range(ACCEPT_BATCH if first is not None else 0):
+                    conn = accept(server_socket)
+                    if conn is None:
+                        break
+                    self.process_conn(conn)
+                return first
+            manager._from_server_socket = accept_waiting
 
         def stop(self):
             self.workers.stop()   # first, so the pool does not grow while it stops

@@ -294,6 +294,26 @@ def test_connections_that_say_nothing_hold_no_worker(live):
         sock.close()
 
 
+def test_a_burst_of_new_connections_is_answered_in_full(live):
+    """300 phones connect and ask at once (more than one turn of the accept loop
+    takes): every one gets its answer, and each answer carries its own log line."""
+    server = live()
+    socks = []
+    for k in range(300):
+        sock = socket.create_connection(('127.0.0.1', server.port), timeout=30)
+        body = urllib.parse.urlencode(dict(SIM, log_msg='burst %d' % k)).encode()
+        socks.append((sock, post_head('/xhs_phone_log/add', len(body)) + body))
+    for sock, request in socks:
+        sock.sendall(request)
+    for sock, _ in socks:
+        answer = read_answer(sock)
+        assert answer['code'] == 200, answer
+        sock.close()
+    lines = json.loads(server.cli('logs', '--limit', '1000', '--json').stdout)
+    assert sorted(line['msg'] for line in lines if line['msg'].startswith('burst ')) == \
+        sorted('burst %d' % k for k in range(300))
+
+
 # --------------------------------------------------------------------------
 # Resent requests
 # --------------------------------------------------------------------------
