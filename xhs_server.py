@@ -5,6 +5,7 @@ optional `/<digits>`, trailing slash and `/api_hurong` prefix, and always with
 HTTP 200 and the envelope `{"code", "msg", "data", "note"}` (see API.md).
 """
 import binascii
+import codecs
 import hmac
 import ipaddress
 import json
@@ -167,47 +168,57 @@ def form_text(data, start, end):
         if data.find(b'+', start, end) < 0:
             return decode_text(memoryview(data)[start:end])   # no copy before the text
         return decode_text(data[start:end].replace(b'+', b' '))
-    return decode_text(unquote(data, start, end))
+    text = unquote_text(data, start, end)
+    if text is None:
+        text = decode_text(urllib.parse.unquote_to_bytes(data[start:end].replace(b'+', b' ')))
+    return text
 
 
-def unquote(data, start, end):
-    """data[start:end] form-decoded into bytes, in C for the common case."""
-    if (data.find(b'\r', start, end) < 0 and data.find(b'\n', start, end) < 0
-            and data.find(b'%', max(start, end - 2), end) < 0):
-        # A screenshot has a hundred thousand escapes, a Chinese log line
-        # hundreds: binascii's C decoder of quoted-printable (=XX) does them
-        # (urllib's is Python), literal '=' escaped first. Where it reads a
-        # text differently from a form decoder (a '%' not followed by two hex
-        # digits) it leaves a '='; line breaks (soft breaks to it) and a '%'
-        # in the last two bytes (dropped by it) are kept off this path.
-        plus, equals = data.find(b'+', start, end) >= 0, data.find(b'=', start, end) >= 0
-        pieces, at = [], start
-        while at < end:
-            stop = min(at + DECODE_PIECE, end)
-            cut = data.find(b'%', max(at + 1, stop - 2), stop) if stop < end else -1
-            if cut >= 0:   # no escape may straddle two pieces, nor end one
-                stop = cut
-                if data.find(b'%', max(at, stop - 2), stop) >= 0:
-                    break   # a run of '%': not for this path
-            piece = data[at:stop]
-            if plus:
-                piece = piece.replace(b'+', b' ')
-            if equals:
-                piece = piece.replace(b'=', b'=3D')
-            pieces.append(binascii.a2b_qp(piece.replace(b'%', b'=')))
-            at = stop
-        else:
-            decoded = b''.join(pieces)
-            if escaped_equals_only(data, start, end, decoded):
-                return decoded
-    return urllib.parse.unquote_to_bytes(data[start:end].replace(b'+', b' '))
+def unquote_text(data, start, end):
+    """data[start:end] form-decoded into text in C, a piece at a time; None where
+    only urllib's decoder reads it right.
+
+    A screenshot has a hundred thousand escapes, a Chinese log line hundreds:
+    binascii's C decoder of quoted-printable (=XX) does them, literal '=' escaped
+    first. Where it reads a text differently from a form decoder (a '%' not
+    followed by two hex digits) it leaves a '='; line breaks (soft breaks to it)
+    and a '%' in the last two bytes (dropped by it) are kept off this path.
+    Each piece becomes text at once, so a screenshot's megabytes are copied into
+    one new buffer (the text), not two.
+    """
+    if (data.find(b'\r', start, end) >= 0 or data.find(b'\n', start, end) >= 0
+            or data.find(b'%', max(start, end - 2), end) >= 0):
+        return None
+    plus, equals = data.find(b'+', start, end) >= 0, data.find(b'=', start, end) >= 0
+    decode = str if end - start <= DECODE_PIECE else codecs.getincrementaldecoder('utf-8')('replace').decode
+    pieces, at = [], start
+    while at < end:
+        stop = min(at + DECODE_PIECE, end)
+        cut = data.find(b'%', max(at + 1, stop - 2), stop) if stop < end else -1
+        if cut >= 0:   # no escape may straddle two pieces, nor end one
+            stop = cut
+            if data.find(b'%', max(at, stop - 2), stop) >= 0:
+                return None   # a run of '%': not for this path
+        piece = data[at:stop]
+        if plus:
+            piece = piece.replace(b'+', b' ')
+        if equals:
+            piece = piece.replace(b'=', b'=3D')
+        piece = binascii.a2b_qp(piece.replace(b'%', b'='))
+        pieces.append(str(piece, 'utf-8', 'replace') if decode is str else decode(piece))
+        at = stop
+    if decode is not str:
+        pieces.append(decode(b'', True))
+    text = ''.join(pieces)
+    return text if escaped_equals_only(data, start, end, text) else None
 
 
 def escaped_equals_only(data, start, end, decoded):
-    """Whether every '=' in `decoded` is one data[start:end] ends with as '=' or '%3D'
-    (base64 padding). Any other '=' may be the mark of an escape the fast path misread.
+    """Whether every '=' in the `decoded` text is one data[start:end] ends with as '='
+    or '%3D' (base64 padding). Any other '=' may be the mark of an escape the fast
+    path misread.
     """
-    first = decoded.find(b'=')
+    first = decoded.find('=')
     if first < 0:
         return True
     count = len(decoded) - first
