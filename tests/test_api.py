@@ -6,6 +6,7 @@ metadata). Times are moved by monkeypatching `models.now`.
 """
 import base64
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -1510,6 +1511,17 @@ def test_same_image_twice_gives_same_url_and_one_file(app):
                    method='POST', encoding='form')['data']['key']
     assert first == second == third
     assert len(media_files()) == 1
+
+
+def test_big_screenshot_twice_is_one_whole_file_and_no_leftovers(app):
+    """A screenshot of megabytes is hashed while it is written to a temporary file."""
+    image = png_like(os.urandom(3 * 1024 * 1024))
+    keys = [app.ok(DM_SHOT, dict(PHONE_A, name='大图', img_base64_data=base64.b64encode(image).decode()),
+                   method='POST', encoding=encoding)['data']['key'] for encoding in ('form', 'multipart')]
+    assert keys[0] == keys[1]
+    assert media_files() == [keys[0].rsplit('/', 1)[1]]
+    assert app.get(media_path(keys[0])).body == image
+    assert models.Image.get().sha256 == hashlib.sha256(image).hexdigest()
 
 
 def test_image_url_uses_the_host_the_phone_used(app):
