@@ -168,54 +168,77 @@ def form_text(data, start, end):
         if data.find(b'+', start, end) < 0:
             return decode_text(memoryview(data)[start:end])   # no copy before the text
         return decode_text(data[start:end].replace(b'+', b' '))
-    text = unquote_text(data, start, end)
+    decoder = FormDecoder(end - start > DECODE_PIECE)
+    decoder.feed(data, start, end, final=True)
+    text = decoder.text(data[max(start, end - 6):end])
     if text is None:
         text = decode_text(urllib.parse.unquote_to_bytes(data[start:end].replace(b'+', b' ')))
     return text
 
 
-def unquote_text(data, start, end):
-    """data[start:end] form-decoded into text in C, a piece at a time; None where
-    only urllib's decoder reads it right.
+class FormDecoder:
+    """One form value, its bytes fed in order, decoded into text in C a piece at a time.
 
     A screenshot has a hundred thousand escapes, a Chinese log line hundreds:
     binascii's C decoder of quoted-printable (=XX) does them, literal '=' escaped
     first. Where it reads a text differently from a form decoder (a '%' not
     followed by two hex digits) it leaves a '='; line breaks (soft breaks to it)
-    and a '%' in the last two bytes (dropped by it) are kept off this path.
-    Each piece becomes text at once, so a screenshot's megabytes are copied into
-    one new buffer (the text), not two.
+    and a '%' in the value's last two bytes (dropped by it) are kept off this
+    path: text() is then None, and urllib's decoder reads the value instead.
+    Each piece becomes text at once (a character cut between pieces is joined),
+    so a screenshot's megabytes are copied into one new buffer, the text.
     """
-    if (data.find(b'\r', start, end) >= 0 or data.find(b'\n', start, end) >= 0
-            or data.find(b'%', max(start, end - 2), end) >= 0):
-        return None
-    plus, equals = data.find(b'+', start, end) >= 0, data.find(b'=', start, end) >= 0
-    decode = str if end - start <= DECODE_PIECE else codecs.getincrementaldecoder('utf-8')('replace').decode
-    pieces, at = [], start
-    while at < end:
-        stop = min(at + DECODE_PIECE, end)
-        cut = data.find(b'%', max(at + 1, stop - 2), stop) if stop < end else -1
-        if cut >= 0:   # no escape may straddle two pieces, nor end one
-            stop = cut
-            if data.find(b'%', max(at, stop - 2), stop) >= 0:
-                return None   # a run of '%': not for this path
-        piece = data[at:stop]
-        if plus:
-            piece = piece.replace(b'+', b' ')
-        if equals:
-            piece = piece.replace(b'=', b'=3D')
-        piece = binascii.a2b_qp(piece.replace(b'%', b'='))
-        pieces.append(str(piece, 'utf-8', 'replace') if decode is str else decode(piece))
-        at = stop
-    if decode is not str:
-        pieces.append(decode(b'', True))
-    text = ''.join(pieces)
-    return text if escaped_equals_only(data, start, end, text) else None
+
+    def __init__(self, big):
+        self.utf8 = codecs.getincrementaldecoder('utf-8')('replace').decode if big else None
+        self.pieces = []
+        self.fast = True
+
+    def feed(self, data, start, end, final):
+        """Decode data[start:end]; unless `final`, a '%' in its last two bytes waits
+        for the next feed. Returns where decoding stopped."""
+        if not self.fast:
+            return end
+        if (data.find(b'\r', start, end) >= 0 or data.find(b'\n', start, end) >= 0
+                or final and data.find(b'%', max(start, end - 2), end) >= 0):
+            self.fast = False
+            return end
+        at = start
+        while at < end:
+            stop = min(at + DECODE_PIECE, end)
+            if stop < end or not final:
+                cut = data.find(b'%', max(at, stop - 2), stop)
+                if cut >= 0:   # no escape may straddle two pieces, nor end one
+                    if data.find(b'%', max(at, cut - 2), cut) >= 0:
+                        self.fast = False   # a run of '%': not for this path
+                        return end
+                    stop = cut
+            if stop == at:   # an escape waiting for its digits (final: pieces too small)
+                self.fast = not final
+                break
+            piece = data[at:stop]
+            if b'+' in piece:
+                piece = piece.replace(b'+', b' ')
+            if b'=' in piece:
+                piece = piece.replace(b'=', b'=3D')
+            piece = binascii.a2b_qp(piece.replace(b'%', b'='))
+            self.pieces.append(self.utf8(piece) if self.utf8 else str(piece, 'utf-8', 'replace'))
+            at = stop
+        return at
+
+    def text(self, raw_tail):
+        """The value's text, or None; `raw_tail`: the value's last 6 bytes as sent."""
+        if not self.fast:
+            return None
+        if self.utf8:
+            self.pieces.append(self.utf8(b'', True))
+        text = ''.join(self.pieces)
+        return text if escaped_equals_only(raw_tail, text) else None
 
 
-def escaped_equals_only(data, start, end, decoded):
-    """Whether every '=' in the `decoded` text is one data[start:end] ends with as '='
-    or '%3D' (base64 padding). Any other '=' may be the mark of an escape the fast
+def escaped_equals_only(raw_tail, decoded):
+    """Whether every '=' in the `decoded` text is one the value ends with as '=' or
+    '%3D' (base64 padding). Any other '=' may be the mark of an escape the fast
     path misread.
     """
     first = decoded.find('=')
@@ -224,14 +247,81 @@ def escaped_equals_only(data, start, end, decoded):
     count = len(decoded) - first
     if count > 2:
         return False
+    end = len(raw_tail)
     for _ in range(count):
-        if data.endswith(b'=', start, end):
+        if raw_tail.endswith(b'=', 0, end):
             end -= 1
-        elif data[end - 3:end] in (b'%3D', b'%3d'):
+        elif raw_tail[max(0, end - 3):end] in (b'%3D', b'%3d'):
             end -= 3
         else:
             return False
     return True
+
+
+class FormPair:
+    """One name=value pair of a form body fed as it arrives, its value decoded meanwhile."""
+
+    def __init__(self):
+        self.fed = False
+        self.name = None    # text, once the '=' has come
+        self.head = []      # the name's bytes until then
+        self.raw = []       # the value as sent, for urllib's decoder if the fast path can't
+        self.tail = b''     # the value's last 6 bytes as sent
+        self.carry = b''    # the value's bytes not decoded yet (an escape cut at a piece's end)
+        self.decoder = FormDecoder(True)
+
+    def feed(self, data, start, end):
+        if start == end:
+            return
+        self.fed = True
+        if self.name is None:
+            equals = data.find(b'=', start, end)
+            if equals < 0:
+                self.head.append(data[start:end])
+                return
+            self.head.append(data[start:equals])
+            self.name = self.head_text()
+            start = equals + 1
+            if start == end:
+                return
+        self.raw.append(memoryview(data)[start:end])
+        self.tail = (self.tail + data[max(start, end - 6):end])[-6:]
+        if self.carry:
+            data, start, end = self.carry + data[start:end], 0, len(self.carry) + end - start
+        self.carry = data[self.decoder.feed(data, start, end, final=False):end]
+
+    def head_text(self):
+        head = b''.join(self.head)
+        return form_text(head, 0, len(head))
+
+    def finish(self, params):
+        if not self.fed:
+            return
+        if self.name is None:
+            params.add(self.head_text(), '')
+            return
+        self.decoder.feed(self.carry, 0, len(self.carry), final=True)
+        text = self.decoder.text(self.tail)
+        if text is None:
+            text = decode_text(urllib.parse.unquote_to_bytes(b''.join(self.raw).replace(b'+', b' ')))
+        params.add(self.name, text)
+
+
+def parse_form_pieces(pieces):
+    """The pairs of a form body that arrives in pieces, each decoded as it comes."""
+    params, pair = Params(), FormPair()
+    for piece in pieces:
+        start = 0
+        while True:
+            amp = piece.find(b'&', start)
+            if amp < 0:
+                pair.feed(piece, start, len(piece))
+                break
+            pair.feed(piece, start, amp)
+            pair.finish(params)
+            pair, start = FormPair(), amp + 1
+    pair.finish(params)
+    return params
 
 
 def parse_urlencoded(data, params):
@@ -313,7 +403,22 @@ def parse_body(body, content_type):
     return params
 
 
-def read_body(environ, limit):
+def stated_length(environ, limit):
+    """The body's Content-Length (None when chunked or absent), refusing (413) past
+    `limit` without holding it in memory."""
+    length = (environ.get('CONTENT_LENGTH') or '').strip()
+    if not length or 'chunked' in environ.get('HTTP_TRANSFER_ENCODING', '').lower():
+        return None
+    if not length.isdigit():
+        raise ApiError(301, '请求格式无效: Content-Length')
+    length = int(length)
+    if length > limit:
+        drain(environ['wsgi.input'], length)
+        raise ApiError(413, '请求体过大')
+    return length
+
+
+def read_body(environ, limit, length):
     """The request body, refusing (413) past `limit` without holding it in memory.
 
     A body shorter than its Content-Length, or broken chunking, is refused
@@ -321,22 +426,12 @@ def read_body(environ, limit):
     stored as if it were the phone's.
     """
     stream = environ['wsgi.input']
-    length = (environ.get('CONTENT_LENGTH') or '').strip()
-    chunked = 'chunked' in environ.get('HTTP_TRANSFER_ENCODING', '').lower()
-    if length and not chunked:
-        if not length.isdigit():
-            raise ApiError(301, '请求格式无效: Content-Length')
-        length = int(length)
-        if length > limit:
-            drain(stream, length)
-            raise ApiError(413, '请求体过大')
-        body = read_stream(stream, length)
-        if len(body) < length:
-            raise broken_body()
-        return body
-    if not chunked:
+    if length is not None:
+        return read_stream(stream, length)
+    if 'chunked' not in environ.get('HTTP_TRANSFER_ENCODING', '').lower():
         return b''
-    body = read_stream(stream, limit + 1)
+    with waiting_on_phone(limit):
+        body = read_some(stream, limit + 1)
     if len(body) > limit:
         drain(stream, DRAIN_LIMIT)
         raise ApiError(413, '请求体过大')
@@ -344,12 +439,42 @@ def read_body(environ, limit):
 
 
 def read_stream(stream, size):
+    """Exactly `size` bytes of the body (a shorter body is broken)."""
+    with waiting_on_phone(size):
+        data = read_some(stream, size)
+    if len(data) < size:
+        raise broken_body()
+    return data
+
+
+def read_some(stream, size):
     try:
-        with waiting_on_phone(size):
-            return stream.read(size) if size > 0 else b''
+        return stream.read(size) if size > 0 else b''
     # A stalled phone (socket timeout), or chunk sizes that are garbage or absurd.
     except (OSError, ValueError, OverflowError, MemoryError):
         raise broken_body() from None
+
+
+# A form body is parsed as it arrives, in pieces of this size: a screenshot is
+# decoded while the rest of it is on its way, and never held whole as sent.
+FORM_PIECE = 256 * 1024
+
+
+def stream_form(stream, length):
+    """Params of a form body parsed as it is read, or the body itself when it is JSON.
+    The worker counts as waiting on the phone while it reads, not while it decodes."""
+    first = read_stream(stream, min(FORM_PIECE, length))
+    if first.lstrip()[:1] in (b'{', b'"') or not first.strip():
+        return first + read_stream(stream, length - len(first))
+
+    def pieces():
+        yield first
+        left = length - len(first)
+        while left > 0:
+            piece = read_stream(stream, min(FORM_PIECE, left))
+            left -= len(piece)
+            yield piece
+    return parse_form_pieces(pieces())
 
 
 # A body this large may take the phone seconds to send (a screenshot over Wi-Fi);
@@ -403,8 +528,16 @@ def request_params():
     environ = request.environ
     params = query_params(environ)
     limit = models.settings()['max_body_mb'] * 1024 * 1024
-    body = read_body(environ, limit)
-    params.merge(parse_body(body, environ.get('CONTENT_TYPE', '')))
+    ctype = environ.get('CONTENT_TYPE', '')
+    length = stated_length(environ, limit)
+    if length is not None and length > SLOW_BODY and not ctype.lower().startswith('multipart/'):
+        body = stream_form(environ['wsgi.input'], length)
+        if isinstance(body, Params):
+            params.merge(body)
+            return params
+    else:
+        body = read_body(environ, limit, length)
+    params.merge(parse_body(body, ctype))
     return params
 
 

@@ -1,6 +1,7 @@
 """What an attack on a running server found once, kept from coming back."""
 import base64
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -9,7 +10,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import PHONE_A, sample, xhs_command
+from conftest import PHONE_A, png_like, sample, xhs_command
 
 SIM = 'imsi=%s&iccid=%s' % (PHONE_A['imsi'], PHONE_A['iccid'])
 
@@ -63,6 +64,26 @@ def test_a_body_cut_short_is_refused_whole_and_the_retry_succeeds(server):
     assert json.loads(server.cli('tasks', 'list', '--json').stdout)[0]['status'] == 'claimed'
     assert server.call('/xiaohongshu_biji/upload_url', dict(task_id=task, url=urllib.parse.unquote(
         body.split(b'url=')[1].decode())))['code'] == 200
+
+
+def test_a_big_form_cut_short_stores_nothing_and_the_retry_succeeds(server):
+    """A screenshot form is decoded as it arrives; cut off anywhere, nothing of it is kept."""
+    image = png_like(os.urandom(600000))
+    body = urllib.parse.urlencode(dict(PHONE_A, name='截断', img_base64_data=base64.b64encode(image))).encode()
+    head = post('/xiaohongshu_direct_essages/save_screenshots', b'Content-Length: %d\r\n\r\n' % len(body))
+    for cut in (1000, 300000, len(body) - 10):
+        status, answer = exchange(server.port, head + body[:cut], half_close=True)
+        assert answer['code'] == 301 and answer['msg'] == '请求格式无效: 请求体不完整', cut
+    check = sqlite3.connect(server.db)
+    try:
+        assert check.execute('SELECT COUNT(*) FROM screenshot').fetchone()[0] == 0
+        assert check.execute('SELECT COUNT(*) FROM image').fetchone()[0] == 0
+        status, answer = exchange(server.port, head + body)
+        assert answer['code'] == 200, answer
+        assert check.execute('SELECT COUNT(*) FROM screenshot').fetchone()[0] == 1
+        assert check.execute('SELECT size FROM image').fetchone()[0] == len(image)
+    finally:
+        check.close()
 
 
 @pytest.mark.parametrize('chunks', [b'zz\r\nlog_msg=x\r\n0\r\n\r\n', b'ffffffffffffffffffff\r\nx\r\n0\r\n\r\n',

@@ -139,12 +139,16 @@ escapes = st.lists(st.one_of(
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(escapes, st.integers(0, 8), st.sampled_from([3, 4, 5, 7, 64, xhs_server.DECODE_PIECE]))
-def test_form_value_decodes_like_a_form_decoder(fuzz_app, monkeypatch, pieces, where, piece):
-    """Also with the decoder's pieces a few bytes long, so escapes meet their edges."""
+@given(escapes, st.integers(0, 8), st.sampled_from([3, 4, 5, 7, 64, xhs_server.DECODE_PIECE]),
+       st.sampled_from([None, 1, 2, 3, 5, 64, xhs_server.FORM_PIECE]))
+def test_form_value_decodes_like_a_form_decoder(fuzz_app, monkeypatch, pieces, where, piece, arrival):
+    """Also with the decoder's pieces a few bytes long, so escapes meet their edges, and
+    with the body parsed as it arrives (`arrival`: bytes read at a time) or read whole."""
     import urllib.parse
     app, _ = fuzz_app
     monkeypatch.setattr(xhs_server, 'DECODE_PIECE', piece)
+    monkeypatch.setattr(xhs_server, 'SLOW_BODY', 1 << 40 if arrival is None else 0)
+    monkeypatch.setattr(xhs_server, 'FORM_PIECE', arrival or xhs_server.FORM_PIECE)
     filler = 'QUJD%2B%2F' * 500  # megabytes of base64 look like this
     text = ''.join(pieces)
     value = [text, text + filler, filler + text, filler + text + filler, text * 200 + filler,
