@@ -268,7 +268,7 @@ class FormPair:
         self.raw = []       # the value as sent, for urllib's decoder if the fast path can't
         self.tail = b''     # the value's last 6 bytes as sent
         self.carry = b''    # the value's bytes not decoded yet (an escape cut at a piece's end)
-        self.decoder = FormDecoder(True)
+        self.decoder = None
 
     def feed(self, data, start, end):
         if start == end:
@@ -281,6 +281,7 @@ class FormPair:
                 return
             self.head.append(data[start:equals])
             self.name = self.head_text()
+            self.decoder = FormDecoder(True)
             start = equals + 1
             if start == end:
                 return
@@ -308,26 +309,34 @@ class FormPair:
 
 
 def parse_form_pieces(pieces):
-    """The pairs of a form body that arrives in pieces, each decoded as it comes."""
+    """The pairs of a form body that arrives in pieces, each decoded as it comes:
+    the pairs whole in a piece as parse_urlencoded does, a pair cut between
+    pieces (a screenshot spans dozens) by a FormPair."""
     params, pair = Params(), FormPair()
     for piece in pieces:
-        start = 0
-        while True:
-            amp = piece.find(b'&', start)
+        start, end = 0, len(piece)
+        if pair.fed:
+            amp = piece.find(b'&')
             if amp < 0:
-                pair.feed(piece, start, len(piece))
-                break
-            pair.feed(piece, start, amp)
+                pair.feed(piece, 0, end)
+                continue
+            pair.feed(piece, 0, amp)
             pair.finish(params)
             pair, start = FormPair(), amp + 1
+        last = piece.rfind(b'&', start)
+        if last >= 0:
+            parse_urlencoded(piece, params, start, last)
+            start = last + 1
+        pair.feed(piece, start, end)
     pair.finish(params)
     return params
 
 
-def parse_urlencoded(data, params):
-    start, size = 0, len(data)
+def parse_urlencoded(data, params, start=0, size=None):
+    """The pairs in data[start:size] (all of it by default) into params."""
+    size = len(data) if size is None else size
     while start < size:
-        end = data.find(b'&', start)
+        end = data.find(b'&', start, size)
         end = size if end < 0 else end
         if end > start:
             equals = data.find(b'=', start, end)
@@ -438,9 +447,10 @@ def read_body(environ, limit, length):
     return body
 
 
-def read_stream(stream, size):
-    """Exactly `size` bytes of the body (a shorter body is broken)."""
-    with waiting_on_phone(size):
+def read_stream(stream, size, body_size=None):
+    """Exactly `size` bytes of the body (a shorter body is broken); `body_size`,
+    the whole body's, when this is a piece of it."""
+    with waiting_on_phone(body_size or size):
         data = read_some(stream, size)
     if len(data) < size:
         raise broken_body()
@@ -463,15 +473,15 @@ FORM_PIECE = 256 * 1024
 def stream_form(stream, length):
     """Params of a form body parsed as it is read, or the body itself when it is JSON.
     The worker counts as waiting on the phone while it reads, not while it decodes."""
-    first = read_stream(stream, min(FORM_PIECE, length))
+    first = read_stream(stream, min(FORM_PIECE, length), length)
     if first.lstrip()[:1] in (b'{', b'"') or not first.strip():
-        return first + read_stream(stream, length - len(first))
+        return first + read_stream(stream, length - len(first), length)
 
     def pieces():
         yield first
         left = length - len(first)
         while left > 0:
-            piece = read_stream(stream, min(FORM_PIECE, left))
+            piece = read_stream(stream, min(FORM_PIECE, left), length)
             left -= len(piece)
             yield piece
     return parse_form_pieces(pieces())

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.parse
 
+import xhs_server
 from conftest import b64, png_like, xhs_command
 
 SIM = {'imsi': '460011234567801', 'iccid': '89860112345678901201'}
@@ -272,6 +273,28 @@ def test_workers_waiting_on_uploads_are_replaced_then_let_go(live):
     while thread_count(server.proc.pid) > resting and time.monotonic() < deadline:
         time.sleep(0.25)
     assert thread_count(server.proc.pid) == resting
+
+
+def test_workers_waiting_on_the_last_small_piece_of_a_big_form_are_replaced(live):
+    """A form over 64 KB is read in pieces; the worker counts as waiting on the phone
+    for every piece, the last one too, however small."""
+    server = live(['--threads', '2', '--max-threads', '12'])
+    assert server.call('/xhs_phone_log/add', dict(SIM, log_msg='warm'))['code'] == 200
+    size = xhs_server.FORM_PIECE + 10000
+    bodies = [urllib.parse.urlencode(dict(SIM, log_msg='慢%d ' % k + 'x' * size))[:size].encode()
+              for k in range(4)]
+    uploads = []
+    for body in bodies:
+        sock = socket.create_connection(('127.0.0.1', server.port), timeout=60)
+        sock.sendall(post_head('/xhs_phone_log/add', len(body)) + body[:xhs_server.FORM_PIECE + 10])
+        uploads.append(sock)
+    time.sleep(0.5)
+    assert slowest_of_ten_log_posts(server) < 1
+    for sock, body in zip(uploads, bodies):
+        sock.sendall(body[xhs_server.FORM_PIECE + 10:])
+    for sock in uploads:
+        assert read_answer(sock)['code'] == 200
+        sock.close()
 
 
 def test_max_threads_below_threads_is_refused(tmp_path):
