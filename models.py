@@ -16,6 +16,7 @@ import re
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 
 import peewee
@@ -1029,24 +1030,18 @@ def image_complete(data):
 
 
 # A screenshot of megabytes is hashed while it is written: both run outside
-# Python's lock, so the hash (~1.7 ms for 3 MB) costs no time of its own.
+# Python's lock, so the hash (~1.7 ms for 3 MB) costs no time of its own. The
+# pool starts its threads on first use.
 HASH_ASIDE = 512 * 1024
-_hashers = None
-_hashers_lock = threading.Lock()
+_hashers = ThreadPoolExecutor(2, thread_name_prefix='xhs-hash')
 
 
 def sha256_hex(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def hash_aside(data):
-    """A future of the image's sha256, computed on a helper thread."""
-    global _hashers
-    with _hashers_lock:
-        if _hashers is None:
-            from concurrent.futures import ThreadPoolExecutor
-            _hashers = ThreadPoolExecutor(2, thread_name_prefix='xhs-hash')
-        return _hashers.submit(sha256_hex, data)
+def image_path(digest, ext):
+    return os.path.join(media_dir(), '%s.%s' % (digest[:32], ext))
 
 
 def store_image(data, keep=False):
@@ -1059,17 +1054,17 @@ def store_image(data, keep=False):
     """
     mime, ext = image_type(data)
     if len(data) >= HASH_ASIDE:
-        digest = hash_aside(data)
-        tmp = write_file(os.path.join(media_dir(), 'upload'), data, rename=False)
-        digest = digest.result()
-        path = os.path.join(media_dir(), '%s.%s' % (digest[:32], ext))
+        hashing = _hashers.submit(sha256_hex, data)
+        tmp = write_temp(os.path.join(media_dir(), 'upload'), data)
+        digest = hashing.result()
+        path = image_path(digest, ext)
         if os.path.exists(path):
             os.remove(tmp)
         else:
             os.replace(tmp, path)
     else:
         digest = sha256_hex(data)
-        path = os.path.join(media_dir(), '%s.%s' % (digest[:32], ext))
+        path = image_path(digest, ext)
         if not os.path.exists(path):
             write_file(path, data)
     name = os.path.basename(path)
@@ -1082,9 +1077,9 @@ def store_image(data, keep=False):
     return name
 
 
-def write_file(path, data, rename=True):
-    """Write to a temporary name, sync, then rename: the file is whole or absent.
-    With rename=False the synced temporary file is left for the caller; its path."""
+def write_temp(path, data):
+    """`data` in a new temporary file beside `path`, synced to disk; its name.
+    If writing fails the temporary file is removed."""
     tmp = '%s.%s.tmp' % (path, secrets.token_hex(4))
     try:
         with open(tmp, 'wb') as out:
@@ -1095,9 +1090,12 @@ def write_file(path, data, rename=True):
         with suppress(OSError):
             os.remove(tmp)
         raise
-    if rename:
-        os.replace(tmp, path)
     return tmp
+
+
+def write_file(path, data):
+    """Write to a temporary name, sync, then rename: the file is whole or absent."""
+    os.replace(write_temp(path, data), path)
 
 
 def prune_screenshots(cutoff, batch=500):

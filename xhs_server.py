@@ -171,9 +171,12 @@ def form_text(data, start, end):
     decoder = FormDecoder(end - start > DECODE_PIECE)
     decoder.feed(data, start, end, final=True)
     text = decoder.text(data[max(start, end - 6):end])
-    if text is None:
-        text = decode_text(urllib.parse.unquote_to_bytes(data[start:end].replace(b'+', b' ')))
-    return text
+    return slow_form_text(data[start:end]) if text is None else text
+
+
+def slow_form_text(raw):
+    """A form value decoded by urllib (Python), for what the C fast path can't read."""
+    return decode_text(urllib.parse.unquote_to_bytes(raw.replace(b'+', b' ')))
 
 
 class FormDecoder:
@@ -303,9 +306,7 @@ class FormPair:
             return
         self.decoder.feed(self.carry, 0, len(self.carry), final=True)
         text = self.decoder.text(self.tail)
-        if text is None:
-            text = decode_text(urllib.parse.unquote_to_bytes(b''.join(self.raw).replace(b'+', b' ')))
-        params.add(self.name, text)
+        params.add(self.name, slow_form_text(b''.join(self.raw)) if text is None else text)
 
 
 def parse_form_pieces(pieces):
