@@ -55,11 +55,15 @@ app.config.update({'xhs.token': '', 'xhs.allow': None, 'xhs.approve_new': False,
 
 
 def configure(token=None, allow=None, approve_new=False, access_log=False):
-    """Access rules: token (None: off), allowed networks (None: loopback and LAN), approval mode."""
+    """Access rules: token (None: off), allowed networks (None: loopback and LAN), approval mode.
+
+    Phones are then found in a copy of the phone table in memory (models.Copy).
+    """
     networks = [ipaddress.ip_network(net, strict=False) for net in (allow or DEFAULT_ALLOW)]
     app.config.update({'xhs.token': token or '', 'xhs.allow': networks,
                        'xhs.approve_new': bool(approve_new), 'xhs.access_log': bool(access_log)})
     _allowed_cache.clear()
+    models.keep_copies()
 
 
 # --------------------------------------------------------------------------
