@@ -8,8 +8,10 @@ CLI can work on the same file at once without Python locks.
 
 Times are stored as epoch seconds (REAL) and shown in server local time.
 """
+import errno
 import hashlib
 import json
+import mmap
 import os
 import queue
 import re
@@ -1187,13 +1189,38 @@ def image_path(digest, ext):
 
 
 def store_image(data, keep=False):
-    """Write the image once per content hash; returns its file name.
+    """Write the image once per content hash; returns its file name."""
+    return store_images([data], keep)[0]
 
-    The file is complete and on disk before any row names it, so a crash never
+
+def store_images(images, keep=False, screenshots=None):
+    """Write each image once per content hash, then record them (and, given
+    `screenshots` (phone_id, kind, counterpart), a screenshot row for each) in one
+    transaction: one flush to disk for all the rows. Returns the file names.
+
+    The files are complete and on disk before any row names them, so a crash never
     leaves a reference to a half-written file. No database lock is held while
     writing. A big image goes to a temporary file while it is hashed, then takes
     its name (or is dropped when that file is already there).
     """
+    written = [write_image(data) for data in images]
+    with db.immediate():
+        for data, (digest, mime, path) in zip(images, written):
+            name = os.path.basename(path)
+            db.execute_sql('INSERT OR IGNORE INTO image (sha256, name, mime, size, keep, created_at) '
+                           'VALUES (?, ?, ?, ?, ?, ?)', (digest, name, mime, len(data), keep, now()))
+            if keep:
+                db.execute_sql('UPDATE image SET keep = 1 WHERE name = ? AND NOT keep', (name,))
+            if screenshots:
+                add_screenshot(name, *screenshots)
+    for data, (_, _, path) in zip(images, written):
+        if not os.path.exists(path):
+            write_file(path, data)  # retention removed it between our check and our row
+    return [os.path.basename(path) for _, _, path in written]
+
+
+def write_image(data):
+    """(sha256, mime type, path) of the image's file, written unless it is there."""
     mime, ext = image_type(data)
     if len(data) >= HASH_ASIDE:
         hashing = _hashers.submit(sha256_hex, data)
@@ -1209,14 +1236,7 @@ def store_image(data, keep=False):
         path = image_path(digest, ext)
         if not os.path.exists(path):
             write_file(path, data)
-    name = os.path.basename(path)
-    db.execute_sql('INSERT OR IGNORE INTO image (sha256, name, mime, size, keep, created_at) '
-                   'VALUES (?, ?, ?, ?, ?, ?)', (digest, name, mime, len(data), keep, now()))
-    if keep:
-        db.execute_sql('UPDATE image SET keep = 1 WHERE name = ? AND NOT keep', (name,))
-    if not os.path.exists(path):
-        write_file(path, data)  # retention removed it between our check and our row
-    return name
+    return digest, mime, path
 
 
 def write_temp(path, data):
@@ -1224,15 +1244,61 @@ def write_temp(path, data):
     If writing fails the temporary file is removed."""
     tmp = '%s.%s.tmp' % (path, secrets.token_hex(4))
     try:
-        with open(tmp, 'wb') as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        if not write_direct(tmp, data):
+            with open(tmp, 'wb') as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
     except BaseException:
         with suppress(OSError):
             os.remove(tmp)
         raise
     return tmp
+
+
+# Image files are written past the page cache (O_DIRECT): here a 3 MB screenshot
+# took 6.7 ms to write and sync through the cache, most of it the kernel finding
+# fresh pages for it, and 1.6 to 2.2 ms straight to the disk. O_DIRECT wants the
+# memory, offset and length aligned, so the data goes out through a reused,
+# page-aligned buffer a megabyte at a time, padded, then the file is cut to size.
+DIRECT_PIECE = 1024 * 1024
+DIRECT_ALIGN = 4096
+_direct_buffers = queue.SimpleQueue()   # buffers not in use; a few, made when needed
+
+
+def write_direct(path, data):
+    """Create `path` holding `data`, synced, bypassing the page cache; False where
+    the system or filesystem does not allow that (the caller then writes normally)."""
+    flag = getattr(os, 'O_DIRECT', 0)
+    if not flag:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+    except OSError:
+        return False
+    try:
+        buffer = _direct_buffers.get_nowait()
+    except queue.Empty:
+        buffer = mmap.mmap(-1, DIRECT_PIECE)   # page-aligned
+    try:
+        view = memoryview(data)
+        for start in range(0, len(data), DIRECT_PIECE):
+            piece = view[start:start + DIRECT_PIECE]
+            buffer[:len(piece)] = piece
+            size = -len(piece) % DIRECT_ALIGN + len(piece)
+            if os.write(fd, memoryview(buffer)[:size]) != size:
+                raise OSError(errno.ENOSPC, 'short write')
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        return True
+    except OSError as error:
+        if error.errno != errno.EINVAL:   # EINVAL: this filesystem refuses O_DIRECT writes
+            raise
+        return False
+    finally:
+        os.close(fd)
+        if _direct_buffers.qsize() < 4:
+            _direct_buffers.put(buffer)
 
 
 def write_file(path, data):

@@ -753,13 +753,14 @@ def decode_variant(value, field):
         raise ApiError(301, INVALID % field) from None
 
 
-def save_images(values):
-    """Decode every image first (nothing stored if one is bad), then store each once."""
+def save_screenshots(values, phone, kind, counterpart=''):
+    """Decode every image first (nothing stored if one is bad), then store each once
+    as the phone's screenshot; their file names."""
     limit = models.settings()['max_images']
     if len(values) > limit:
         raise ApiError(301, INVALID % 'img_base64_data' + ' (最多 %d 张)' % limit)
     images = [decode_image(value) for value in values]
-    return [models.store_image(data) for data in images]
+    return models.store_images(images, screenshots=(phone['id'], kind, counterpart))
 
 
 # --------------------------------------------------------------------------
@@ -993,8 +994,7 @@ def save_dm_screenshot(p):
     phone = current_phone(p)
     name = need(p, 'name')
     need(p, 'img_base64_data')
-    stored = save_images(p.getall('img_base64_data')[:1])[0]
-    models.add_screenshot(stored, phone['id'], 'dm', name)
+    stored = save_screenshots(p.getall('img_base64_data')[:1], phone, 'dm', name)[0]
     return ok({'key': media_url(stored)}, '保存成功')
 
 
@@ -1114,9 +1114,7 @@ def save_article_screenshots(p):
         return add_comment(p)
     phone = current_phone(p)
     need(p, 'img_base64_data')
-    names = save_images(p.getall('img_base64_data'))
-    for name in names:
-        models.add_screenshot(name, phone['id'], 'article')
+    names = save_screenshots(p.getall('img_base64_data'), phone, 'article')
     urls = [media_url(name) for name in names]
     return ok({'key': urls[0], 'keys': urls}, '提交成功')
 

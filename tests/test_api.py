@@ -6,6 +6,8 @@ metadata). Times are moved by monkeypatching `models.now`.
 """
 import base64
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -1522,6 +1524,44 @@ def test_big_screenshot_twice_is_one_whole_file_and_no_leftovers(app):
     assert media_files() == [keys[0].rsplit('/', 1)[1]]
     assert app.get(media_path(keys[0])).body == image
     assert models.Image.get().sha256 == hashlib.sha256(image).hexdigest()
+
+
+# Sizes around the pieces and the alignment the image files are written in.
+@pytest.mark.parametrize('size', [1, 4095, 4096, models.DIRECT_PIECE - 1, models.DIRECT_PIECE,
+                                  models.DIRECT_PIECE + 1, 2 * models.DIRECT_PIECE + 4097])
+def test_image_files_hold_exactly_the_image_at_every_size(app, size):
+    image = png_like(os.urandom(size))
+    key = app.ok(DM_SHOT, dict(PHONE_A, name='图', img_base64_data=base64.b64encode(image).decode()),
+                 method='POST', encoding='form')['data']['key']
+    [name] = media_files()
+    with open(os.path.join(models.media_dir(), name), 'rb') as stored:
+        assert stored.read() == image
+    assert app.get(media_path(key)).body == image
+
+
+def refuse_direct_writes(monkeypatch):
+    """A filesystem that opens O_DIRECT files but refuses the writes (EINVAL)."""
+    write = os.write
+
+    def refusing(fd, data):
+        if os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL):
+            raise OSError(errno.EINVAL, 'Invalid argument')
+        return write(fd, data)
+    monkeypatch.setattr(os, 'write', refusing)
+
+
+@pytest.mark.parametrize('system', ['no O_DIRECT', 'writes refused'])
+def test_image_files_are_written_where_direct_writes_are_not_possible(app, monkeypatch, system):
+    if system == 'no O_DIRECT':
+        monkeypatch.delattr(os, 'O_DIRECT', raising=False)
+    else:
+        refuse_direct_writes(monkeypatch)
+    images = [png_like(os.urandom(size)) for size in (5000, 3 * models.DIRECT_PIECE)]
+    for image in images:
+        key = app.ok(DM_SHOT, dict(PHONE_A, name='图', img_base64_data=base64.b64encode(image).decode()),
+                     method='POST', encoding='form')['data']['key']
+        assert app.get(media_path(key)).body == image
+    assert len(media_files()) == 2   # no temporary files left behind
 
 
 def test_image_url_uses_the_host_the_phone_used(app):
