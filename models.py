@@ -550,7 +550,8 @@ class Copy:
       Database.execute_sql, peewee's included) drop the copy once committed, so
       a request reads what an earlier one wrote; a copy read while a write
       committed is not kept (`writes` moved);
-    - touch() moves only last_seen and patches the copy in place;
+    - touch() moves only last_seen and patches the copy in place (and a copy
+      being read meanwhile, before it is kept: patch());
     - other processes' writes (the operator's CLI) show within COPY_TTL.
     Correctness never rests on it: every claim is still one atomic statement,
     and a copy that says a task may be waiting when none is costs one query.
@@ -562,7 +563,8 @@ class Copy:
         self.enabled = False
         self.current = None       # (monotonic time of the read, what load() returned)
         self.writes = 0           # moved by every drop
-        self.lock = threading.Lock()      # a drop against keeping a fresh read
+        self.patches = None       # while a read is under way: patch() calls to apply to it
+        self.lock = threading.Lock()      # a drop or patch against keeping a fresh read
         self.reading = threading.Lock()   # one thread reads at a time; the others go on
 
     def get(self):
@@ -573,11 +575,15 @@ class Copy:
         if not self.enabled or not self.reading.acquire(blocking=False):
             return None
         try:
-            writes, started = self.writes, time.monotonic()
+            with self.lock:
+                writes, started, self.patches = self.writes, time.monotonic(), []
             value = self.load()
             with self.lock:
+                patches, self.patches = self.patches, None
                 if self.writes != writes:
                     return None
+                for change in patches:   # made after the read began: it may not show them
+                    change(value)
                 self.current = (started, value)
             return value
         finally:
@@ -587,6 +593,15 @@ class Copy:
         with self.lock:
             self.writes += 1
             self.current = None
+
+    def patch(self, change):
+        """Apply change(value) to the copy, and to one being read now, for a write
+        (committed before this call) that moves only what `change` sets."""
+        with self.lock:
+            if self.current is not None:
+                change(self.current[1])
+            if self.patches is not None:
+                self.patches.append(change)
 
 
 def _load_phones():
@@ -708,10 +723,12 @@ def touch(phone, ip=None):
     with db.write_turn():   # not execute_sql: the copy of the phones is patched, not dropped
         db.run('UPDATE phone SET last_seen = ?, last_ip = ? WHERE id = ?', (at, ip, phone['id']))
     phone['last_seen'] = at
-    phones = COPIES['phone'].current
-    values = phones and phones[1][2].get(phone['id'])
-    if values:
-        values[_LAST_SEEN] = at
+
+    def stamp(phones):
+        values = phones[2].get(phone['id'])
+        if values:
+            values[_LAST_SEEN] = max(at, values[_LAST_SEEN] or at)
+    COPIES['phone'].patch(stamp)
 
 
 def is_active(last_seen, at=None):

@@ -79,6 +79,29 @@ def test_a_copy_read_while_a_write_commits_is_not_kept(app):
     assert offline_flag(app) is True
 
 
+def test_an_activity_stamp_made_while_the_copy_is_read_is_kept(app, monkeypatch):
+    at = time.time()
+    monkeypatch.setattr(models, 'now', lambda: at)
+    assert offline_flag(app) is False
+    copy = models.COPIES['phone']
+    phone = models.find_phone_by_sim(PHONE_A['imsi'], PHONE_A['iccid'])
+    copy.drop()
+    read = copy.load
+
+    def read_then_stamp():
+        found = read()   # the table before the stamp below
+        models.touch(phone)
+        return found
+    at += models.ACTIVITY_STAMP_SECONDS + 1
+    copy.load = read_then_stamp
+    try:
+        by_id = copy.get()[2]
+    finally:
+        copy.load = read
+    assert by_id[phone['id']][models.PHONE_COLUMNS.index('last_seen')] == at
+    assert app.ok(WORK_STATUS, STATUS)['data']['last_seen'] == models.fmt_time(at)
+
+
 def test_a_write_in_a_transaction_drops_the_copy_when_it_commits(app):
     assert offline_flag(app) is False
     copy = models.COPIES['phone']
