@@ -1029,7 +1029,7 @@ def get_screenshot_time(p):
 def get_phone_work_status(p):
     """Asked by the phone's watchdog; not itself activity."""
     kind = int_value(p, 'phone_type', low=1, high=2)
-    if kind == 1 and not (p.get('imsi') and p.get('iccid')):
+    if kind == 1 and not (sim_value(p.get('imsi')) and sim_value(p.get('iccid'))):
         mac, valid = mac_value(need(p, 'macaddr'))
         if mac is None:
             raise ApiError(301, INVALID % 'macaddr')

@@ -1044,6 +1044,17 @@ def test_work_status_of_coverage_phone_by_mac(app, clock, mac):
     assert work_status(app, {'phone_type': 1, 'macaddr': mac}, 'json')['data']['flag'] is True
 
 
+@pytest.mark.parametrize('unreadable', ['null', 'undefined', 'unknown', '000000000000000'])
+def test_work_status_of_coverage_phone_with_unreadable_sim_goes_by_mac(app, unreadable):
+    """Android 10+ sends placeholders for a SIM it can't read; the log line found the phone by MAC."""
+    sim = {'imsi': unreadable, 'iccid': unreadable}
+    app.ok(LOG, dict(sim, log_msg='覆盖', macaddr='5c:cf:7f:00:00:01', phone_type='1'))
+    body = work_status(app, dict(sim, phone_type='1', macaddr='5C:CF:7F:00:00:01'))
+    assert (body['code'], body['data']['flag']) == (200, False)
+    body = work_status(app, dict(sim, phone_type='2', macaddr='5C:CF:7F:00:00:01'))
+    assert (body['code'], body['msg']) == (301, '参数无效: imsi')   # a publishing phone is its SIM
+
+
 def test_work_status_placeholder_mac_never_identifies_a_phone(app, ok_run):
     app.ok(LOG, {'log_msg': '覆盖', 'macaddr': '02:00:00:00:00:00', 'phone_type': '1'})
     body = work_status(app, {'phone_type': '1', 'macaddr': '02:00:00:00:00:00'})
