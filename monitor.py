@@ -5,7 +5,8 @@ operator: a phone that went quiet (and came back), a handed-out task left
 unfinished too long, a failed comment deletion, a log line reporting a known
 failure. Each becomes a PhoneEvent row and/or an alert; a second thread posts
 alerts to the group robot, with retries, so a dead webhook never slows phones.
-It also applies screenshot retention once an hour.
+It also applies screenshot retention once an hour, and removes temporary image
+files a killed server left behind.
 """
 import json
 import logging
@@ -211,6 +212,9 @@ class Monitor(threading.Thread):
             self.alert(phone_id or who, failure, '手机 %s 报告：%s' % (who or '?', msg[:200]))
 
     def apply_retention(self):
+        stale = models.remove_stale_temp()
+        if stale:
+            log.info('removed %d temporary image files left by a crash', stale)
         days = models.settings()['screenshot_retention_days']
         if days:
             removed = sum(models.prune_screenshots(now() - days * 86400))

@@ -1,6 +1,7 @@
 """Alerts to a group robot and the phones' activity history, through a real server."""
 import http.server
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -158,3 +159,20 @@ def test_a_hanging_webhook_does_not_slow_the_phones(live, receiver):
 ])
 def test_each_robot_gets_the_text_message_shape_it_accepts(url, shape):
     assert monitor.robot_payload(url, '喂') == shape
+
+
+def test_temporary_image_files_left_by_a_crash_are_removed_at_start(live, tmp_path):
+    media = tmp_path / 'media'
+    media.mkdir()
+    stale, fresh = media / 'upload.0badf00d.tmp', media / 'upload.0c0ffee0.tmp'
+    for path in (stale, fresh):
+        path.write_bytes(b'\x89PNG' + b'\x00' * 4096)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    server = live(db=str(tmp_path / 'live.db'))
+    deadline = time.monotonic() + 10
+    while stale.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not stale.exists()
+    assert fresh.exists()   # it may still be being written by a running process
+    assert 'removed 1 temporary image files' in server.stderr_text()
