@@ -6,6 +6,7 @@ HTTP 200 and the envelope `{"code", "msg", "data", "note"}` (see API.md).
 """
 import binascii
 import codecs
+import errno
 import hmac
 import ipaddress
 import json
@@ -841,8 +842,14 @@ def guarded(handler):
     except ApiError as error:
         body = envelope(error.code, error.msg, error.data)
     except peewee.OperationalError as error:
-        busy = 'locked' in str(error) or 'busy' in str(error)
-        body = envelope(503, '服务繁忙，请稍后重试') if busy else internal_error()
+        if 'locked' in str(error) or 'busy' in str(error):
+            body = envelope(503, '服务繁忙，请稍后重试')
+        elif 'full' in str(error):   # SQLite: database or disk is full
+            body = storage_full(error)
+        else:
+            body = internal_error()
+    except OSError as error:
+        body = storage_full(error) if error.errno in STORAGE_FULL else internal_error()
     except Exception:
         body = internal_error()
     if app.config['xhs.access_log']:
@@ -850,6 +857,15 @@ def guarded(handler):
         log.info('%s %s %s %s %.1fms', request.environ.get('REMOTE_ADDR'), request.method,
                  request.path, body[8:body.index(b',')].decode(), (time.perf_counter() - started) * 1000)
     return answer(body)
+
+
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def storage_full(error):
+    """The disk (or a quota or file size limit) is full: the phone may try again later."""
+    log.error('request %s %s: cannot store: %s', request.method, request.path, error)
+    return envelope(503, '服务器存储空间不足，请稍后重试')
 
 
 def internal_error():

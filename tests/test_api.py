@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import struct
 import time
 import urllib.parse
@@ -1573,6 +1574,24 @@ def test_image_files_are_written_where_direct_writes_are_not_possible(app, monke
                      method='POST', encoding='form')['data']['key']
         assert app.get(media_path(key)).body == image
     assert len(media_files()) == 2   # no temporary files left behind
+
+
+@pytest.mark.parametrize('size', [5000, 3 * models.DIRECT_PIECE])
+def test_a_full_disk_answers_503_and_stores_nothing(app, size):
+    """A file size limit stands in for a full disk (writes fail with EFBIG as with ENOSPC)."""
+    image = png_like(os.urandom(size))
+    params = dict(PHONE_A, name='图', img_base64_data=base64.b64encode(image).decode())
+    app.ok(RELEASE, PHONE_A)   # the phone is registered before the disk fills
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        body = app.call(DM_SHOT, params, method='POST', encoding='form')
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (body['code'], body['msg']) == (503, '服务器存储空间不足，请稍后重试')
+    assert media_files() == [] and models.Image.select().count() == 0
+    key = app.ok(DM_SHOT, params, method='POST', encoding='form')['data']['key']
+    assert app.get(media_path(key)).body == image
 
 
 def test_image_url_uses_the_host_the_phone_used(app):
