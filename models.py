@@ -434,7 +434,13 @@ def _schema_v1():
         db.execute_sql(sql)
 
 
-MIGRATIONS = [_schema_v1]
+def _schema_v2():
+    # A coverage phone the operator registered with its SIM and MAC, asking by MAC
+    # alone when it can't read the SIM (find_phone_by_mac).
+    db.execute_sql('CREATE INDEX phone_mac ON phone (mac)')
+
+
+MIGRATIONS = [_schema_v1, _schema_v2]
 
 
 # --------------------------------------------------------------------------
@@ -605,16 +611,29 @@ class Copy:
 
 
 def _load_phones():
-    """{(imsi, iccid): values}, {mac: values} of phones with no SIM, {id: values}."""
-    by_sim, by_mac, by_id = {}, {}, {}
+    """{(imsi, iccid): values}, {mac: values} as find_phone_by_mac finds them, {id: values}."""
+    by_sim, by_mac, by_id, coverage = {}, {}, {}, {}
     for row in db.execute_sql('SELECT imsi, iccid, %s FROM phone' % ', '.join(PHONE_COLUMNS)):
         values = list(row[2:])
         by_id[values[0]] = values
+        mac = values[1]
         if row[0] is not None:
             by_sim[row[0], row[1]] = values
-        elif values[1] is not None:
-            by_mac[values[1]] = values
+            if mac is not None and values[2] == 1 and _seen_later(values, coverage.get(mac)):
+                coverage[mac] = values
+        elif mac is not None:
+            by_mac[mac] = values
+    for mac, values in coverage.items():
+        by_mac.setdefault(mac, values)
     return by_sim, by_mac, by_id
+
+
+def _seen_later(values, other):
+    """Whether a phone's row is the one find_phone_by_mac prefers to `other` (or None)."""
+    if other is None:
+        return True
+    key = (lambda v: (v[_LAST_SEEN] is not None, v[_LAST_SEEN] or 0, v[0]))
+    return key(values) > key(other)
 
 
 _WAITING_SQL = 'SELECT %s' % ', '.join(
@@ -680,11 +699,18 @@ def find_phone_by_sim(imsi, iccid, waiting=None):
 
 
 def find_phone_by_mac(mac):
+    """The coverage phone with this MAC: the one known by it alone, else the phone of
+    type 1 the operator registered with a SIM and this MAC (its SIM unreadable now;
+    the most recently seen, if several)."""
     phones = COPIES['phone'].get()
     values = phones and phones[1].get(mac)
     if values:
         return dict(zip(PHONE_COLUMNS, values))
-    return _phone_row(db.execute_sql(_PHONE_SELECT + 'WHERE mac = ? AND imsi IS NULL', (mac,)))
+    return _phone_row(db.execute_sql(_PHONE_BY_MAC, (mac,)))
+
+
+_PHONE_BY_MAC = (_PHONE_SELECT + 'WHERE mac = ? AND (imsi IS NULL OR phone_type = 1) '
+                 'ORDER BY imsi IS NOT NULL, last_seen IS NOT NULL DESC, last_seen DESC, id DESC LIMIT 1')
 
 
 def phone_for(imsi=None, iccid=None, mac=None, phone_type=None, approved=True, waiting=None):

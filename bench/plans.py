@@ -32,6 +32,7 @@ HOT = [
     ('tasks pending and held, read with it', models._WAITING_SQL, ()),
     ('', "SELECT claimed_by_id, kind FROM task WHERE status = 'claimed'", ()),
     ('phone by SIM (a phone not in the copy)', models._PHONE_SELECT + 'WHERE imsi = ? AND iccid = ?', ('a', 'b')),
+    ('coverage phone by MAC (a phone not in the copy)', models._PHONE_BY_MAC, ('m',)),
     ('activity stamp', 'UPDATE phone SET last_seen = ?, last_ip = ? WHERE id = ?', (0, '', 1)),
     ('log line', 'INSERT INTO log (at, phone_id, msg) VALUES (?, ?, ?)', (0, 1, 'x')),
     ('task poll: phone by SIM, and anything at all?',

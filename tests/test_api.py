@@ -526,6 +526,34 @@ def test_log_add_from_coverage_phone_registers_it_by_mac(app, ok_run):
     assert (phone['imsi'], phone['type']) == (None, 1)
 
 
+COVERAGE_MAC = '5c:cf:7f:00:00:01'
+BY_MAC = {'imsi': 'null', 'iccid': 'null', 'macaddr': '5C:CF:7F:00:00:01', 'phone_type': '1'}
+
+
+def test_coverage_phone_registered_with_its_sim_is_found_by_mac_without_it(app, ok_run):
+    ok_run('phones', 'add', '--imsi', PHONE_A['imsi'], '--iccid', PHONE_A['iccid'],
+           '--mac', COVERAGE_MAC, '--type', '1', '--label', 'C-01')
+    assert work_status(app, BY_MAC)['data']['reason'] == '超过5分钟无活动'   # never seen yet
+    app.ok(LOG, dict(BY_MAC, log_msg='读不到SIM'))
+    data = work_status(app, BY_MAC)['data']
+    assert (data['flag'], data['reason']) == (False, '') and data['last_seen']
+    assert list(phone_rows(ok_run)) == [PHONE_A['imsi']]   # no second phone for the MAC
+    assert [row['phone'] for row in cli_json(ok_run, 'logs')] == ['C-01']
+
+
+def test_a_phone_known_by_its_mac_alone_comes_first_and_publishing_phones_never(app, ok_run):
+    ok_run('phones', 'add', '--imsi', PHONE_B['imsi'], '--iccid', PHONE_B['iccid'],
+           '--mac', COVERAGE_MAC, '--type', '2', '--label', 'P-01')
+    assert work_status(app, BY_MAC)['msg'] == '该手机不存在'   # a publishing phone is its SIM
+    app.ok(LOG, dict(BY_MAC, log_msg='只有MAC'))
+    ok_run('phones', 'add', '--imsi', PHONE_A['imsi'], '--iccid', PHONE_A['iccid'],
+           '--mac', COVERAGE_MAC, '--type', '1', '--label', 'C-01')
+    app.ok(LOG, dict(BY_MAC, log_msg='还是只有MAC'))
+    rows = phone_rows(ok_run)
+    assert rows[COVERAGE_MAC]['imsi'] is None and rows[COVERAGE_MAC]['last_seen']
+    assert not rows[PHONE_A['imsi']]['last_seen'] and not rows[PHONE_B['imsi']]['last_seen']
+
+
 # --------------------------------------------------------------------------
 # xiaohongshu_userprofile
 # --------------------------------------------------------------------------

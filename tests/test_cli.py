@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sqlite3
+import subprocess
 import time
 
 import click
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 import cli
 import models
 import xhs_server
-from conftest import PHONE_A, PHONE_B, SAMPLES
+from conftest import PHONE_A, PHONE_B, SAMPLES, xhs_command
 
 PHONE_C = {'imsi': '460011234567803', 'iccid': '89860112345678901203'}
 NOTE_URL = 'https://www.xiaohongshu.com/explore/64b0c0ffee0000000000000a'
@@ -1199,3 +1200,18 @@ def test_a_failed_backup_leaves_no_partial_file(world, run, tmp_path):
     assert lines_of(result.stderr)[-1].startswith('Error: ')
     assert [name for name in os.listdir(tmp_path) if name.endswith('.partial')] == []
     assert dest.is_dir() and list(dest.iterdir()) == []
+
+
+def test_a_database_of_the_first_schema_is_brought_up_to_date_keeping_its_rows(tmp_path, ok_run):
+    path = str(tmp_path / 'old.db')
+    ok_run('--db', path, 'phones', 'add', '--imsi', '460011234567809', '--iccid', '89860112345678901209',
+           '--mac', '5c:cf:7f:00:00:09', '--type', '1', '--label', 'OLD-1')
+    with sqlite3.connect(path) as conn:   # as a server of the first schema left it
+        conn.execute('DROP INDEX phone_mac')
+        conn.execute('PRAGMA user_version = 1')
+    listed = subprocess.run(xhs_command() + ['--db', path, 'phones', 'list', '--json'],
+                            capture_output=True, text=True, check=True)   # a new process opens it
+    assert [phone['label'] for phone in json.loads(listed.stdout)] == ['OLD-1']
+    with sqlite3.connect(path) as conn:
+        assert conn.execute('PRAGMA user_version').fetchone()[0] == 2
+        assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'phone_mac'").fetchone()
