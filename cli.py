@@ -1271,7 +1271,8 @@ def comments_delete(comment_id):
 
 def log_query(phone, since, grep, after_id=0):
     Who = Phone.alias()
-    query = (Log.select(Log.id, Log.at, Log.msg, Log.remote, Log.imsi, Log.macaddr, Who.label, Who.imsi)
+    query = (Log.select(Log.id, Log.at, Log.msg, Log.remote, Log.imsi, Log.macaddr, Who.label, Who.imsi,
+                        Who.mac)
              .join(Who, peewee.JOIN.LEFT_OUTER, on=(Log.phone == Who.id)).where(Log.id > after_id))
     if phone:
         query = query.where(Log.phone == find_phone(phone).id)
@@ -1283,8 +1284,9 @@ def log_query(phone, since, grep, after_id=0):
 
 
 def log_row(values):
-    log_id, at, msg, remote, imsi, mac, label, phone_imsi = values
-    return {'id': log_id, 'at': at, 'phone': label or phone_imsi or imsi or mac or '-',
+    log_id, at, msg, remote, imsi, mac, label, phone_imsi, phone_mac = values
+    # The phone's name when the line is a known phone's, else what the line came with.
+    return {'id': log_id, 'at': at, 'phone': label or phone_imsi or phone_mac or imsi or mac or '-',
             'remote': remote, 'msg': msg}
 
 

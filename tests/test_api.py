@@ -551,6 +551,7 @@ def test_a_phone_known_by_its_mac_alone_comes_first_and_publishing_phones_never(
     app.ok(LOG, dict(BY_MAC, log_msg='还是只有MAC'))
     rows = phone_rows(ok_run)
     assert rows[COVERAGE_MAC]['imsi'] is None and rows[COVERAGE_MAC]['last_seen']
+    assert {row['phone'] for row in cli_json(ok_run, 'logs')} == {COVERAGE_MAC}   # not the 'null' it sent
     assert not rows[PHONE_A['imsi']]['last_seen'] and not rows[PHONE_B['imsi']]['last_seen']
 
 
