@@ -110,8 +110,20 @@ class Database(SqliteDatabase):
     @contextmanager
     def immediate(self):
         """A write transaction that holds SQLite's write lock from its first statement."""
-        with self.write_turn(), self.atomic('IMMEDIATE'):
-            yield
+        with self.write_turn():
+            try:
+                with self.atomic('IMMEDIATE'):
+                    yield
+            except OperationalError as error:
+                # A COMMIT that fails (a full disk) is rolled back by SQLite itself;
+                # peewee's ROLLBACK then fails too, and would hide why.
+                cause = error
+                while cause is not None and (not isinstance(cause, OperationalError)
+                                             or 'no transaction is active' in str(cause)):
+                    cause = cause.__context__
+                if cause is None or cause is error:
+                    raise
+                raise cause from None
 
 
 db = Database(None, timeout=5)
@@ -156,12 +168,15 @@ def media_dir():
 
 
 def migrate():
-    """Bring the schema to the current version (PRAGMA user_version)."""
-    version = db.execute_sql('PRAGMA user_version').fetchone()[0]
-    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+    """Bring the schema to the current version (PRAGMA user_version), a step at a
+    time; the version is read again under the write lock, so processes opening
+    the same old file at once take each step once."""
+    while db.execute_sql('PRAGMA user_version').fetchone()[0] < len(MIGRATIONS):
         with db.immediate():
-            step()
-            db.execute_sql('PRAGMA user_version = %d' % number)
+            version = db.execute_sql('PRAGMA user_version').fetchone()[0]
+            if version < len(MIGRATIONS):
+                MIGRATIONS[version]()
+                db.execute_sql('PRAGMA user_version = %d' % (version + 1))
 
 
 def now():
@@ -1370,11 +1385,12 @@ def remove_stale_temp(older_than=TEMP_MAX_AGE):
     cutoff, removed = time.time() - older_than, 0
     with os.scandir(media_dir()) as entries:
         for entry in entries:
-            if entry.name.endswith('.tmp') and entry.is_file():
-                with suppress(OSError):
-                    if entry.stat().st_mtime < cutoff:
-                        os.remove(entry.path)
-                        removed += 1
+            if not entry.name.endswith('.tmp'):
+                continue
+            with suppress(OSError):   # gone meanwhile, or not ours to look at
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.remove(entry.path)
+                    removed += 1
     return removed
 
 

@@ -117,7 +117,7 @@ class Monitor(threading.Thread):
         self.alerted_tasks = set()
         self.last_log_id = None
         self.last_failure_at = None
-        self.last_retention = 0
+        self.last_retention = None   # monotonic time of the last pass; the first is at start
 
     def webhook(self):
         return self.override or models.settings()['alert_webhook']
@@ -138,11 +138,15 @@ class Monitor(threading.Thread):
         if self.last_log_id is None:
             self.last_log_id = db.execute_sql('SELECT COALESCE(MAX(id), 0) FROM log').fetchone()[0]
             self.last_failure_at = now()
-        self.watch_activity()
-        self.watch_stuck_tasks()
-        self.watch_failed_deletions()
-        self.watch_logs()
-        if time.monotonic() - self.last_retention > RETENTION_EVERY:
+        for watch in (self.watch_activity, self.watch_stuck_tasks, self.watch_failed_deletions,
+                      self.watch_logs, self.retention_due):
+            try:   # one failing (a full disk, say) must not stop the others
+                watch()
+            except Exception:
+                log.exception('monitor: %s failed', watch.__name__)
+
+    def retention_due(self):
+        if self.last_retention is None or time.monotonic() - self.last_retention > RETENTION_EVERY:
             self.last_retention = time.monotonic()
             self.apply_retention()
 

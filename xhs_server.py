@@ -846,6 +846,8 @@ def guarded(handler):
             body = envelope(503, '服务繁忙，请稍后重试')
         elif 'full' in str(error):   # SQLite: database or disk is full
             body = storage_full(error)
+        elif 'disk I/O error' in str(error):   # a failing disk, or a file size limit
+            body = storage_full(error, '服务器存储故障，请稍后重试')
         else:
             body = internal_error()
     except OSError as error:
@@ -862,10 +864,11 @@ def guarded(handler):
 STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def storage_full(error):
-    """The disk (or a quota or file size limit) is full: the phone may try again later."""
+def storage_full(error, msg='服务器存储空间不足，请稍后重试'):
+    """The disk (or a quota or file size limit) is full, or failing: the phone may try
+    again later; the operator reads one line in the log, not a traceback."""
     log.error('request %s %s: cannot store: %s', request.method, request.path, error)
-    return envelope(503, '服务器存储空间不足，请稍后重试')
+    return envelope(503, msg)
 
 
 def internal_error():

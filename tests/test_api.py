@@ -1623,6 +1623,21 @@ def test_a_full_disk_answers_503_and_stores_nothing(app, size):
     assert app.get(media_path(key)).body == image
 
 
+def test_a_database_that_cannot_grow_answers_503_and_loses_no_stored_line(app, db_path):
+    """The log line's batch fails at COMMIT, which SQLite rolls back itself."""
+    app.ok(LOG, dict(PHONE_A, log_msg='之前'))
+    wal = os.path.getsize(db_path + '-wal')
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (wal, hard))
+    try:
+        body = app.call(LOG, dict(PHONE_A, log_msg='满了'), method='POST', encoding='form')
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert body['code'] == 503 and body['msg'].startswith('服务器存储'), body
+    app.ok(LOG, dict(PHONE_A, log_msg='之后'))
+    assert [row.msg for row in models.Log.select().order_by(models.Log.id)] == ['之前', '之后']
+
+
 def test_image_url_uses_the_host_the_phone_used(app):
     res = app.post(ARTICLE_SHOT, urllib.parse.urlencode(dict(PHONE_A, img_base64_data=b64('dm.png'))),
                    content_type='application/x-www-form-urlencoded', headers={'Host': 'xhs.lan:9000'})

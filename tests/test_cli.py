@@ -1215,3 +1215,22 @@ def test_a_database_of_the_first_schema_is_brought_up_to_date_keeping_its_rows(t
     with sqlite3.connect(path) as conn:
         assert conn.execute('PRAGMA user_version').fetchone()[0] == 2
         assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'phone_mac'").fetchone()
+
+
+def test_processes_opening_an_old_database_at_once_each_take_a_step_once(tmp_path, ok_run):
+    path = str(tmp_path / 'old.db')
+    ok_run('--db', path, 'phones', 'add', '--imsi', '460011234567809', '--iccid', '89860112345678901209')
+    with sqlite3.connect(path) as conn:
+        conn.execute('DROP INDEX phone_mac')
+        conn.execute('PRAGMA user_version = 1')
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute('BEGIN IMMEDIATE')   # every opener now reads version 1 and waits for the lock
+    openers = [subprocess.Popen(xhs_command() + ['--db', path, 'phones', 'list', '--json'],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(1.5)
+    holder.execute('COMMIT')
+    holder.close()
+    results = [opener.communicate(timeout=60) + (opener.returncode,) for opener in openers]
+    assert [code for _, _, code in results] == [0] * 4, [err for _, err, _ in results]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute('PRAGMA user_version').fetchone()[0] == 2

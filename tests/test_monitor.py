@@ -169,6 +169,7 @@ def test_temporary_image_files_left_by_a_crash_are_removed_at_start(live, tmp_pa
         path.write_bytes(b'\x89PNG' + b'\x00' * 4096)
     hours_ago = time.time() - 2 * 3600
     os.utime(stale, (hours_ago, hours_ago))
+    os.symlink('loop.tmp', media / 'loop.tmp')   # can't be looked at: passed over, not fatal
     server = live(db=str(tmp_path / 'live.db'))
     deadline = time.monotonic() + 10
     while stale.exists() and time.monotonic() < deadline:
