@@ -1423,6 +1423,33 @@ def prune_screenshots(cutoff, batch=500):
         yield len(rows)
 
 
+def remove_orphan_images(older_than=TEMP_MAX_AGE, batch=500):
+    """Remove image files no row names, older than `older_than` seconds: left by a
+    request that failed after writing its file (a full disk, a killed server).
+    Each is looked up and removed under the write lock, so an upload of the same
+    image recording it meanwhile (it writes the file again if it is gone once its
+    row is in) can't lose it. Returns their count."""
+    cutoff, names = time.time() - older_than, []
+    with os.scandir(media_dir()) as entries:
+        for entry in entries:
+            if MEDIA_NAME_RE.match(entry.name):
+                with suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        names.append(entry.name)
+    removed = 0
+    for start in range(0, len(names), batch):
+        some = names[start:start + batch]
+        with db.immediate():
+            known = {name for (name,) in db.execute_sql(
+                'SELECT name FROM image WHERE name IN (%s)' % ','.join('?' * len(some)), some)}
+            for name in some:
+                if name not in known:
+                    with suppress(FileNotFoundError):
+                        os.remove(os.path.join(media_dir(), name))
+                        removed += 1
+    return removed
+
+
 def add_screenshot(name, phone_id, kind, counterpart=''):
     db.execute_sql(
         'INSERT OR IGNORE INTO screenshot (image_id, phone_id, kind, counterpart, created_at) '

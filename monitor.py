@@ -6,7 +6,7 @@ unfinished too long, a failed comment deletion, a log line reporting a known
 failure. Each becomes a PhoneEvent row and/or an alert; a second thread posts
 alerts to the group robot, with retries, so a dead webhook never slows phones.
 It also applies screenshot retention once an hour, and removes temporary image
-files a killed server left behind.
+files and images no row names that a killed server or a full disk left behind.
 """
 import json
 import logging
@@ -219,6 +219,9 @@ class Monitor(threading.Thread):
         stale = models.remove_stale_temp()
         if stale:
             log.info('removed %d temporary image files left by a crash', stale)
+        orphans = models.remove_orphan_images()
+        if orphans:
+            log.info('removed %d image files no row names (left by failed uploads)', orphans)
         days = models.settings()['screenshot_retention_days']
         if days:
             removed = sum(models.prune_screenshots(now() - days * 86400))

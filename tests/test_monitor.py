@@ -1,4 +1,5 @@
 """Alerts to a group robot and the phones' activity history, through a real server."""
+import base64
 import http.server
 import json
 import os
@@ -177,3 +178,26 @@ def test_temporary_image_files_left_by_a_crash_are_removed_at_start(live, tmp_pa
     assert not stale.exists()
     assert fresh.exists()   # it may still be being written by a running process
     assert 'removed 1 temporary image files' in server.stderr_text()
+
+
+def test_image_files_no_row_names_are_removed_once_an_hour_old(live, tmp_path):
+    server = live(db=str(tmp_path / 'live.db'))
+    image = b'\x89PNG\r\n\x1a\n' + os.urandom(3000) + b'\x00\x00\x00\x00IEND\xaeB`\x82'
+    key = server.call('/xiaohongshu_direct_essages/save_screenshots',
+                      dict(SIM, name='甲', img_base64_data=base64.b64encode(image).decode()))['data']['key']
+    server.stop()
+    media = tmp_path / 'media'
+    kept = media / key.rsplit('/', 1)[1]
+    orphan, fresh = media / ('ab' * 16 + '.png'), media / ('cd' * 16 + '.png')
+    orphan.write_bytes(image[:100])
+    fresh.write_bytes(image[:100])
+    hours_ago = time.time() - 2 * 3600
+    for path in (kept, orphan):
+        os.utime(path, (hours_ago, hours_ago))
+    server = live(db=str(tmp_path / 'live.db'))
+    deadline = time.monotonic() + 10
+    while orphan.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not orphan.exists()
+    assert kept.read_bytes() == image and fresh.exists()
+    assert 'removed 1 image files no row names' in server.stderr_text()
