@@ -625,10 +625,14 @@ class Copy:
                 self.patches.append(change)
 
 
+_PHONES_SQL = 'SELECT imsi, iccid, %s FROM phone' % ', '.join(PHONE_COLUMNS)
+_HOLDERS_SQL = "SELECT claimed_by_id, kind FROM task WHERE status = 'claimed'"
+
+
 def _load_phones():
     """{(imsi, iccid): values}, {mac: values} as find_phone_by_mac finds them, {id: values}."""
     by_sim, by_mac, by_id, coverage = {}, {}, {}, {}
-    for row in db.execute_sql('SELECT imsi, iccid, %s FROM phone' % ', '.join(PHONE_COLUMNS)):
+    for row in db.execute_sql(_PHONES_SQL):
         values = list(row[2:])
         by_id[values[0]] = values
         mac = values[1]
@@ -659,7 +663,7 @@ def _load_waiting():
     """{kind: (a task of it is pending, ids of phones holding one unfinished)}."""
     pending = db.execute_sql(_WAITING_SQL).fetchone()
     holders = {kind: set() for kind in TASK_KINDS}
-    for phone_id, kind in db.execute_sql("SELECT claimed_by_id, kind FROM task WHERE status = 'claimed'"):
+    for phone_id, kind in db.execute_sql(_HOLDERS_SQL):
         holders[kind].add(phone_id)
     return {kind: (bool(any_pending), holders[kind]) for kind, any_pending in zip(TASK_KINDS, pending)}
 
@@ -720,7 +724,7 @@ def find_phone_by_mac(mac):
     phones = COPIES['phone'].get()
     values = phones and phones[1].get(mac)
     if values:
-        return dict(zip(PHONE_COLUMNS, values))
+        return _phone_dict(values, None)
     return _phone_row(db.execute_sql(_PHONE_BY_MAC, (mac,)))
 
 
@@ -1380,17 +1384,27 @@ def sync_folder(path):
 TEMP_MAX_AGE = 3600   # seconds: a temporary image file older than this was left by a crash
 
 
-def remove_stale_temp(older_than=TEMP_MAX_AGE):
-    """Remove temporary image files a killed process left in the media folder; their count."""
-    cutoff, removed = time.time() - older_than, 0
+def old_media_files(wanted, older_than=TEMP_MAX_AGE):
+    """Names of the plain files in the media folder for which wanted(name) holds,
+    unchanged for `older_than` seconds (symlinks are not followed; an entry that
+    can't be looked at is passed over)."""
+    cutoff, names = time.time() - older_than, []
     with os.scandir(media_dir()) as entries:
         for entry in entries:
-            if not entry.name.endswith('.tmp'):
-                continue
-            with suppress(OSError):   # gone meanwhile, or not ours to look at
-                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.remove(entry.path)
-                    removed += 1
+            if wanted(entry.name):
+                with suppress(OSError):   # gone meanwhile, or not ours to look at
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        names.append(entry.name)
+    return names
+
+
+def remove_stale_temp(older_than=TEMP_MAX_AGE):
+    """Remove temporary image files a killed process left in the media folder; their count."""
+    removed = 0
+    for name in old_media_files(lambda name: name.endswith('.tmp'), older_than):
+        with suppress(FileNotFoundError):
+            os.remove(os.path.join(media_dir(), name))
+            removed += 1
     return removed
 
 
@@ -1429,13 +1443,7 @@ def remove_orphan_images(older_than=TEMP_MAX_AGE, batch=500):
     Each is looked up and removed under the write lock, so an upload of the same
     image recording it meanwhile (it writes the file again if it is gone once its
     row is in) can't lose it. Returns their count."""
-    cutoff, names = time.time() - older_than, []
-    with os.scandir(media_dir()) as entries:
-        for entry in entries:
-            if MEDIA_NAME_RE.match(entry.name):
-                with suppress(OSError):
-                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        names.append(entry.name)
+    names = old_media_files(MEDIA_NAME_RE.match, older_than)
     removed = 0
     for start in range(0, len(names), batch):
         some = names[start:start + batch]

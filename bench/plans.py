@@ -28,9 +28,9 @@ def logs_query_sql():
 
 HOT = [
     ('the phone table, read into memory at most once a second (a copy; phones are found there)',
-     'SELECT imsi, iccid, %s FROM phone' % ', '.join(models.PHONE_COLUMNS), ()),
+     models._PHONES_SQL, ()),
     ('tasks pending and held, read with it', models._WAITING_SQL, ()),
-    ('', "SELECT claimed_by_id, kind FROM task WHERE status = 'claimed'", ()),
+    ('', models._HOLDERS_SQL, ()),
     ('phone by SIM (a phone not in the copy)', models._PHONE_SELECT + 'WHERE imsi = ? AND iccid = ?', ('a', 'b')),
     ('coverage phone by MAC (a phone not in the copy)', models._PHONE_BY_MAC, ('m',)),
     ('activity stamp', 'UPDATE phone SET last_seen = ?, last_ip = ? WHERE id = ?', (0, '', 1)),

@@ -59,22 +59,29 @@ def test_operator_changes_in_the_same_process_show_at_once(app, ok_run):
     assert app.ok(RELEASE, PHONE_B)['data'] == {}
 
 
+def read_then(copy, action):
+    """copy.get(), with `action` run right after its read of the table (so the read
+    can't show what `action` does) and before the copy is kept."""
+    read = copy.load
+
+    def read_then_act():
+        found = read()
+        action()
+        return found
+    copy.load = read_then_act
+    try:
+        return copy.get()
+    finally:
+        copy.load = read
+
+
 def test_a_copy_read_while_a_write_commits_is_not_kept(app):
     assert offline_flag(app) is False
     copy = models.COPIES['phone']
     phone_id = models.find_phone_by_sim(PHONE_A['imsi'], PHONE_A['iccid'])['id']
     copy.drop()
-    read = copy.load
-
-    def read_then_write():
-        found = read()   # what the table held before the write below
-        models.db.execute_sql('UPDATE phone SET offline = 1 WHERE id = ?', (phone_id,))
-        return found
-    copy.load = read_then_write
-    try:
-        assert copy.get() is None   # the read is older than the write: not kept
-    finally:
-        copy.load = read
+    write = (lambda: models.db.execute_sql('UPDATE phone SET offline = 1 WHERE id = ?', (phone_id,)))
+    assert read_then(copy, write) is None   # the read is older than the write: not kept
     assert copy.current is None
     assert offline_flag(app) is True
 
@@ -86,18 +93,8 @@ def test_an_activity_stamp_made_while_the_copy_is_read_is_kept(app, monkeypatch)
     copy = models.COPIES['phone']
     phone = models.find_phone_by_sim(PHONE_A['imsi'], PHONE_A['iccid'])
     copy.drop()
-    read = copy.load
-
-    def read_then_stamp():
-        found = read()   # the table before the stamp below
-        models.touch(phone)
-        return found
     at += models.ACTIVITY_STAMP_SECONDS + 1
-    copy.load = read_then_stamp
-    try:
-        by_id = copy.get()[2]
-    finally:
-        copy.load = read
+    by_id = read_then(copy, lambda: models.touch(phone))[2]
     assert by_id[phone['id']][models.PHONE_COLUMNS.index('last_seen')] == at
     assert app.ok(WORK_STATUS, STATUS)['data']['last_seen'] == models.fmt_time(at)
 
